@@ -1,0 +1,3 @@
+from mil.cli import main
+
+raise SystemExit(main())

@@ -1,0 +1,182 @@
+"""The HDF5 bag format: one file per slide, shared by every writer and reader.
+
+A bag file holds
+
+* ``features``: [N, D] float16 or float32, one row per tile;
+* ``coords``: [N, 2] int, level-0 pixel (x, y) of each tile's top-left corner (optional);
+* file attributes describing how the features were made (see :data:`PROVENANCE_ATTRS`).
+
+Bags written by CLAM and TRIDENT (``features``, ``coords``) and by STAMP (``feats``,
+``coords``) load as they are; their missing attributes read as ``"unknown"``.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import h5py
+import numpy as np
+
+from mil import __version__
+from mil.io import atomic_path
+
+FORMAT_VERSION = 1
+FEATURE_KEYS = ("features", "feats")  # ours/CLAM/TRIDENT, then STAMP
+COORDS_KEY = "coords"
+# Attributes that identify the feature space: bags that differ in any of these cannot be mixed.
+IDENTITY_ATTRS = ("encoder", "encoder_weights", "embedding")
+# Attributes our writers record (encoders may add more, e.g. slide geometry).
+PROVENANCE_ATTRS = (
+    *IDENTITY_ATTRS,
+    "tile_px",
+    "mpp",
+    "tile_size_level0",
+    "slide_mpp",
+    "slide_width",
+    "slide_height",
+    "toolkit_version",
+    "format_version",
+)
+UNKNOWN = "unknown"
+
+
+class BagError(ValueError):
+    """A bag file that cannot be used; the message names the file."""
+
+
+@dataclass(frozen=True)
+class BagInfo:
+    """What a bag holds, read from its header without loading the features."""
+
+    path: Path
+    n_tiles: int
+    dim: int
+    dtype: str
+    feature_key: str
+    has_coords: bool
+    attrs: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def identity(self) -> dict[str, str]:
+        """The encoder identity of the features (``"unknown"`` for foreign bags)."""
+        return {k: str(self.attrs.get(k, UNKNOWN)) for k in IDENTITY_ATTRS}
+
+
+def _decode(value: Any) -> Any:
+    if isinstance(value, bytes):
+        return value.decode()
+    if isinstance(value, np.generic):
+        return value.item()
+    if isinstance(value, np.ndarray):
+        return value.tolist()
+    return value
+
+
+def _feature_key(f: h5py.File, path: Path) -> str:
+    for key in FEATURE_KEYS:
+        if key in f:
+            return key
+    raise BagError(
+        f"{path}: no feature dataset; expected one of {', '.join(FEATURE_KEYS)}, found {sorted(f.keys())}"
+    )
+
+
+def _open(path: Path) -> h5py.File:
+    try:
+        return h5py.File(path, "r")
+    except FileNotFoundError:
+        raise BagError(f"{path}: bag file does not exist") from None
+    except OSError as e:  # h5py raises OSError for truncated / non-HDF5 files
+        raise BagError(f"{path}: not a readable HDF5 bag ({e})") from None
+
+
+def read_bag_info(path: str | os.PathLike) -> BagInfo:
+    """Read shape, dtype and attributes of a bag; raises :class:`BagError` naming the file."""
+    path = Path(path)
+    with _open(path) as f:
+        key = _feature_key(f, path)
+        ds = f[key]
+        if ds.ndim == 3 and ds.shape[0] == 1:  # some CLAM versions store [1, N, D]
+            n, dim = ds.shape[1], ds.shape[2]
+        elif ds.ndim == 2:
+            n, dim = ds.shape
+        else:
+            raise BagError(f"{path}: dataset {key!r} has shape {ds.shape}; expected [N, D]")
+        if n == 0:
+            raise BagError(f"{path}: bag is empty (0 tiles)")
+        if not np.issubdtype(ds.dtype, np.floating):
+            raise BagError(f"{path}: features have dtype {ds.dtype}; expected float16 or float32")
+        attrs = {k: _decode(v) for k, v in f.attrs.items()}
+        return BagInfo(
+            path=path,
+            n_tiles=int(n),
+            dim=int(dim),
+            dtype=str(ds.dtype),
+            feature_key=key,
+            has_coords=COORDS_KEY in f,
+            attrs=attrs,
+        )
+
+
+def read_features(path: str | os.PathLike, indices: np.ndarray | None = None) -> np.ndarray:
+    """Read the [N, D] feature matrix (or the rows in ``indices``), checking it is finite."""
+    path = Path(path)
+    with _open(path) as f:
+        ds = f[_feature_key(f, path)]
+        try:
+            x = ds[0] if ds.ndim == 3 else ds[()]
+        except OSError as e:
+            raise BagError(f"{path}: features cannot be read ({e})") from None
+    if indices is not None:
+        x = x[indices]
+    if not np.isfinite(x).all():
+        bad = int((~np.isfinite(x)).any(axis=1).sum())
+        raise BagError(f"{path}: features contain NaN or inf in {bad} tile(s)")
+    return x
+
+
+def read_coords(path: str | os.PathLike) -> np.ndarray | None:
+    """Read the [N, 2] level-0 tile coordinates, or ``None`` when the bag has none."""
+    path = Path(path)
+    with _open(path) as f:
+        if COORDS_KEY not in f:
+            return None
+        coords = f[COORDS_KEY][()]
+    return coords.reshape(-1, 2) if coords.ndim == 3 else coords
+
+
+def write_bag(
+    path: str | os.PathLike,
+    features: np.ndarray,
+    coords: np.ndarray | None = None,
+    attrs: Mapping[str, Any] | None = None,
+    dtype: str = "float16",
+) -> Path:
+    """Write a bag atomically: to a temporary name first, renamed when complete.
+
+    A killed writer therefore never leaves a file that looks like a finished bag.
+    """
+    path = Path(path)
+    features = np.asarray(features)
+    if features.ndim != 2 or features.shape[0] == 0:
+        raise BagError(f"{path}: features must be a non-empty [N, D] array, got shape {features.shape}")
+    if not np.isfinite(features).all():
+        raise BagError(f"{path}: refusing to write features containing NaN or inf")
+    if coords is not None:
+        coords = np.asarray(coords)
+        if coords.shape != (features.shape[0], 2):
+            raise BagError(f"{path}: coords shape {coords.shape} does not match features {features.shape}")
+    with atomic_path(path) as tmp, h5py.File(tmp, "w") as f:
+        f.create_dataset("features", data=features.astype(dtype))
+        if coords is not None:
+            f.create_dataset(COORDS_KEY, data=coords.astype(np.int64))
+        f.attrs["format_version"] = FORMAT_VERSION
+        f.attrs["toolkit_version"] = __version__
+        for key, value in (attrs or {}).items():
+            if value is not None:
+                f.attrs[key] = value
+    return path

@@ -1,0 +1,224 @@
+"""Typed experiment configuration: dataclass schemas merged with YAML files and overrides.
+
+``load_config(["configs/examples/msi.yaml", "train.lr=3e-4"])`` returns an OmegaConf
+``DictConfig`` backed by :class:`Config`, so a typo in a key or a wrong type is an error
+that names the key, and suggests the closest valid one.
+"""
+
+from __future__ import annotations
+
+import difflib
+import os
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from omegaconf import DictConfig, ListConfig, OmegaConf
+from omegaconf.errors import OmegaConfBaseException
+
+from mil.io import write_text
+
+
+class ConfigError(ValueError):
+    """A configuration problem; the message names the key or file at fault."""
+
+
+@dataclass
+class CohortConfig:
+    clinical_csv: str | None = None  # one row per patient: patient id + label columns
+    slide_csv: str | None = None  # patient id + slide id (+ slide-level labels, optional mpp)
+    features_dir: str | None = None  # one <slide_id>.h5 bag per slide
+    patient_column: str = "patient_id"
+    slide_column: str = "slide_id"
+    target: str | None = None
+    classes: list[str] | None = None  # ordered; the last is the positive class for binary metrics
+    bag_level: str = "patient"  # "patient": all slides of a patient in one bag; "slide": one bag per slide
+
+
+@dataclass
+class ModelConfig:
+    name: str = "gated_abmil"
+    args: dict[str, Any] = field(default_factory=dict)  # passed to the model's constructor
+
+
+@dataclass
+class CVConfig:
+    folds: int = 5
+    repeats: int = 1
+    seed: int = 0
+    split_file: str | None = None  # reuse a splits.yaml exactly
+    val_fraction: float = 0.2  # inner validation split of each training fold (early stopping)
+
+
+@dataclass
+class TrainConfig:
+    max_epochs: int = 40
+    min_epochs: int = 5
+    batch_size: int = 8  # bags per step
+    bag_size: int | None = 512  # tiles sampled per bag in training (None: full bags)
+    eval_batch_size: int = 1  # full bags at evaluation
+    lr: float = 2e-4
+    weight_decay: float = 1e-2
+    scheduler: str = "cosine"  # "cosine" or "none"
+    patience: int = 10  # epochs without improvement of `monitor` before stopping
+    monitor: str = "val_loss"  # val_loss, val_auroc, val_ap, val_balanced_accuracy, val_f1
+    class_weighted: bool = True  # weight the loss by inverse class frequency
+    aux_loss_weight: float = 0.3  # weight of a model's auxiliary loss (CLAM, DSMIL)
+    precision: str = "32-true"  # Lightning precision: "32-true", "bf16-mixed", "16-mixed"
+    num_workers: int = 0
+    seed: int = 0
+
+
+@dataclass
+class TrainerConfig:
+    accelerator: str = "auto"
+    devices: Any = 1  # int or "auto"
+    strategy: str = "auto"  # "ddp" for several GPUs
+    logger: str = "csv"  # "csv", "tensorboard", "mlflow" or "none"
+    enable_progress_bar: bool = True
+    deterministic: bool = True
+
+
+@dataclass
+class SlidesConfig:
+    dir: str | None = None  # folder of whole-slide images
+    csv: str | None = None  # optional: slide id + path columns (and optional mpp)
+    slide_column: str = "slide_id"
+    path_column: str = "path"
+    extensions: list[str] = field(
+        default_factory=lambda: [".svs", ".ndpi", ".mrxs", ".tif", ".tiff", ".scn", ".vms", ".bif", ".dcm"]
+    )
+    mpp: float | None = None  # override for slides without resolution metadata
+
+
+@dataclass
+class TilingConfig:
+    mpp: float = 0.5  # microns per pixel of every tile
+    tile_px: int = 224
+    min_tissue: float = 0.5  # minimum tissue fraction of a kept tile
+    thumbnail_px: int = 2048  # longest side of the thumbnail used for tissue detection and QC
+
+
+@dataclass
+class EncoderConfig:
+    name: str = "virchow2"
+    weights: str | None = None  # hub id (hf-hub:...), local folder or file; None = registry default
+    batch_size: int = 64
+    precision: str = "bf16"  # autocast on GPU: "bf16", "fp16" or "fp32"
+    embedding: str | None = None  # None = the encoder's official recipe; e.g. "cls" for the class token only
+    device: str = "auto"
+
+
+@dataclass
+class LoaderConfig:
+    workers: int = 4
+
+
+@dataclass
+class Config:
+    cohort: CohortConfig = field(default_factory=CohortConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    cv: CVConfig = field(default_factory=CVConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    trainer: TrainerConfig = field(default_factory=TrainerConfig)
+    slides: SlidesConfig = field(default_factory=SlidesConfig)
+    tiling: TilingConfig = field(default_factory=TilingConfig)
+    encoder: EncoderConfig = field(default_factory=EncoderConfig)
+    loader: LoaderConfig = field(default_factory=LoaderConfig)
+    features_dir: str | None = None  # where `mil extract` writes bags
+    output_dir: str = "runs/default"
+
+
+# Sub-trees whose keys are free-form (passed through to a constructor).
+_FREE_FORM = {"model.args"}
+
+
+def _schema_keys(node: Any, prefix: str = "") -> set[str]:
+    keys = set()
+    for key in node:
+        dotted = f"{prefix}{key}"
+        keys.add(dotted)
+        child = node[key] if isinstance(node, DictConfig) else None
+        if isinstance(child, DictConfig) and dotted not in _FREE_FORM:
+            keys |= _schema_keys(child, dotted + ".")
+    return keys
+
+
+def _check_keys(user: DictConfig, schema: DictConfig, source: str) -> None:
+    valid = _schema_keys(schema)
+
+    def walk(node: DictConfig, prefix: str) -> None:
+        for key in node:
+            dotted = f"{prefix}{key}"
+            if dotted not in valid:
+                close = difflib.get_close_matches(dotted, sorted(valid), n=1, cutoff=0.6)
+                hint = f"; did you mean {close[0]!r}?" if close else ""
+                raise ConfigError(f"{source}: unknown config key {dotted!r}{hint}")
+            child = node._get_node(key)
+            if isinstance(child, DictConfig) and dotted not in _FREE_FORM and not child._is_none():
+                walk(child, dotted + ".")
+
+    walk(user, "")
+
+
+def _load_yaml(path: Path) -> DictConfig:
+    if not path.is_file():
+        raise ConfigError(f"config file {path} does not exist")
+    try:
+        cfg = OmegaConf.load(path)
+    except Exception as e:  # yaml.YAMLError and friends
+        raise ConfigError(f"{path}: not valid YAML ({e})") from None
+    if not isinstance(cfg, DictConfig):
+        raise ConfigError(f"{path}: expected a mapping of config keys at the top level")
+    return cfg
+
+
+def load_config(sources: Sequence[str] | None = None, base: DictConfig | None = None) -> DictConfig:
+    """Merge the schema defaults, YAML files and ``key=value`` overrides, in order.
+
+    ``sources`` mixes YAML paths and dotted overrides (``train.lr=1e-3``); ``base`` is an
+    already-resolved config to start from (e.g. a saved run's ``config.yaml``).
+    """
+    schema = OmegaConf.structured(Config)
+    cfg = schema if base is None else _merge(schema, base, "base config")
+    for item in sources or []:
+        if "=" in item and not item.endswith((".yaml", ".yml")):
+            user = OmegaConf.from_dotlist([item])
+            cfg = _merge(cfg, user, f"override {item!r}")
+        else:
+            path = Path(item)
+            cfg = _merge(cfg, _load_yaml(path), str(path))
+    return cfg
+
+
+def _merge(cfg: DictConfig, user: DictConfig, source: str) -> DictConfig:
+    _check_keys(user, OmegaConf.structured(Config), source)
+    try:
+        return OmegaConf.merge(cfg, user)
+    except OmegaConfBaseException as e:
+        key = getattr(e, "full_key", None)
+        raise ConfigError(f"{source}: invalid value for {key or 'a key'}: {str(e).splitlines()[0]}") from None
+
+
+def require(cfg: DictConfig, keys: Iterable[str], command: str) -> None:
+    """Fail with one message listing every required key that is unset."""
+    missing = [k for k in keys if OmegaConf.select(cfg, k) in (None, "")]
+    if missing:
+        raise ConfigError(
+            f"`mil {command}` needs {', '.join(missing)}; set them in the YAML or as overrides "
+            f"(e.g. {missing[0]}=...)"
+        )
+
+
+def to_yaml(cfg: DictConfig) -> str:
+    return OmegaConf.to_yaml(cfg, resolve=True)
+
+
+def save_config(cfg: DictConfig, path: str | os.PathLike) -> None:
+    """Write the fully resolved config atomically."""
+    write_text(path, to_yaml(cfg))
+
+
+def as_list(value: ListConfig | list | None) -> list | None:
+    return None if value is None else list(value)

@@ -1,0 +1,64 @@
+"""The aggregator contract and the model registry.
+
+Every aggregator is a plain ``nn.Module``: ``forward(features [B, N, D], mask [B, N])``
+returns a :class:`MILOutput`. ``mask`` is boolean, True for real tiles; padded rows must
+not change the output. Losses, metrics and training live elsewhere (``mil.training``).
+"""
+
+from __future__ import annotations
+
+import inspect
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import nn
+
+from mil.registry import Registry
+
+MODELS: Registry[type[nn.Module]] = Registry("model")
+
+
+@dataclass
+class MILOutput:
+    """What an aggregator returns.
+
+    logits:    [B, C] bag-level outputs (C = ``n_outputs``).
+    attention: per-tile scores used for heatmaps: [B, N] (one map) or [B, C, N] (one per
+               output), zero at padded positions; ``None`` for models without one.
+    aux:       extra tensors an auxiliary loss needs (see ``aux_loss`` on the model class),
+               e.g. CLAM's instance logits or DSMIL's instance scores.
+    """
+
+    logits: torch.Tensor
+    attention: torch.Tensor | None = None
+    aux: dict[str, torch.Tensor] = field(default_factory=dict)
+
+
+def create_model(name: str, in_dim: int, n_outputs: int, **kwargs: Any) -> nn.Module:
+    """Build a registered aggregator, e.g. ``create_model("gated_abmil", 2560, 2)``.
+
+    Unknown keyword arguments are an error that lists the ones the model accepts.
+    """
+    cls = MODELS.get(name)
+    params = inspect.signature(cls.__init__).parameters
+    unknown = sorted(set(kwargs) - set(params))
+    if unknown:
+        accepted = [p for p in params if p not in ("self", "in_dim", "n_outputs")]
+        raise TypeError(f"model {name!r} got unknown argument(s) {unknown}; it accepts {accepted}")
+    return cls(in_dim=in_dim, n_outputs=n_outputs, **kwargs)
+
+
+def check_inputs(features: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+    """Validate shapes and return a boolean mask ([B, N], all True when ``mask`` is None)."""
+    assert features.ndim == 3, f"features must be [B, N, D], got {tuple(features.shape)}"
+    if mask is None:
+        return torch.ones(features.shape[:2], dtype=torch.bool, device=features.device)
+    assert mask.shape == features.shape[:2], f"mask {tuple(mask.shape)} != features {tuple(features.shape[:2])}"
+    return mask.bool()
+
+
+def masked_softmax(scores: torch.Tensor, mask: torch.Tensor, dim: int = -1) -> torch.Tensor:
+    """Softmax over ``dim`` that gives exactly zero weight to masked-out positions."""
+    scores = scores.masked_fill(~mask, torch.finfo(scores.dtype).min)
+    return torch.softmax(scores, dim=dim) * mask
