@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import difflib
 import os
+import re
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -49,6 +50,7 @@ class CVConfig:
     seed: int = 0
     split_file: str | None = None  # reuse a splits.yaml exactly
     val_fraction: float = 0.2  # inner validation split of each training fold (early stopping)
+    bootstrap: int = 1000  # resamples for the 95% confidence intervals of pooled metrics
 
 
 @dataclass
@@ -130,6 +132,7 @@ class Config:
     output_dir: str = "runs/default"
 
 
+_OVERRIDE = re.compile(r"^[A-Za-z_][\w.]*=")  # key=value, as opposed to a YAML path
 # Sub-trees whose keys are free-form (passed through to a constructor).
 _FREE_FORM = {"model.args"}
 
@@ -183,7 +186,7 @@ def load_config(sources: Sequence[str] | None = None, base: DictConfig | None = 
     schema = OmegaConf.structured(Config)
     cfg = schema if base is None else _merge(schema, base, "base config")
     for item in sources or []:
-        if "=" in item and not item.endswith((".yaml", ".yml")):
+        if _OVERRIDE.match(item):
             user = OmegaConf.from_dotlist([item])
             cfg = _merge(cfg, user, f"override {item!r}")
         else:

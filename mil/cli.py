@@ -1,0 +1,139 @@
+"""The ``mil`` command: each subcommand loads a config and calls one library function.
+
+Heavy imports (torch, Lightning, timm) happen inside the subcommands so that
+``mil --help`` is instant.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+import warnings
+from collections.abc import Callable, Sequence
+
+from mil import __version__
+
+logger = logging.getLogger("mil")
+
+CONFIG_HELP = "YAML config file(s) and key=value overrides, merged in order (e.g. configs/examples/msi.yaml train.lr=1e-4)"
+
+
+def _load(items: Sequence[str]):
+    from mil.config import load_config
+
+    return load_config(items)
+
+
+def cmd_crossval(args: argparse.Namespace) -> None:
+    from mil.crossval import run_crossval
+
+    out = run_crossval(_load(args.config))
+    print(f"cross-validation finished: {out}/metrics.json, {out}/summary.md, {out}/roc.png")
+
+
+def cmd_train(args: argparse.Namespace) -> None:
+    from mil.crossval import run_train
+
+    out = run_train(_load(args.config))
+    print(f"model trained: {out}/model.safetensors")
+
+
+def cmd_extract(args: argparse.Namespace) -> None:
+    from encoders.extract import run_extract  # the command layer is the only place mil meets encoders
+
+    shard = _parse_shard(args.shard)
+    summary = run_extract(_load(args.config), shard=shard)
+    print(f"extraction finished: summary in {summary}")
+
+
+def cmd_report(args: argparse.Namespace) -> None:
+    from mil.report import report_predictions
+
+    out = report_predictions(args.predictions, target=args.target, classes=args.classes, out_dir=args.output_dir)
+    print(f"report written to {out}")
+
+
+def cmd_print_config(args: argparse.Namespace) -> None:
+    from mil.config import to_yaml
+
+    print(to_yaml(_load(args.config)), end="")
+
+
+def _parse_shard(text: str) -> tuple[int, int]:
+    try:
+        i, n = (int(x) for x in text.split("/"))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"--shard must look like i/n (e.g. 0/4), got {text!r}") from None
+    if not 0 <= i < n:
+        raise argparse.ArgumentTypeError(f"--shard {text}: need 0 <= i < n")
+    return i, n
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="mil",
+        description="Slide-level multiple-instance learning: slides -> tile embeddings -> attention-MIL predictions.",
+    )
+    parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
+    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging and full tracebacks")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+
+    def add(name: str, func: Callable, help: str, description: str) -> argparse.ArgumentParser:
+        p = sub.add_parser(name, help=help, description=description)
+        p.set_defaults(func=func)
+        return p
+
+    add("crossval", cmd_crossval, "cross-validate a cohort of bags",
+        "Patient-level stratified k-fold cross-validation with an inner validation split for early stopping. "
+        "Writes splits.yaml, fold_<k>/ (model, predictions), predictions.csv, metrics.json, summary.md, roc.png, pr.png. "
+        "Rerunning into the same output_dir resumes.").add_argument("config", nargs="+", help=CONFIG_HELP)
+    add("train", cmd_train, "train one model on the whole cohort (for deployment)",
+        "Train a single model on all patients; a stratified validation split (cv.val_fraction) picks the epoch.",
+        ).add_argument("config", nargs="+", help=CONFIG_HELP)
+    p = add("extract", cmd_extract, "turn whole-slide images into HDF5 bags of tile embeddings",
+            "Tissue detection, tiling at an exact mpp and tile embedding with a registered encoder (virchow2 by default). "
+            "Finished bags are skipped, so a rerun resumes.")
+    p.add_argument("config", nargs="+", help=CONFIG_HELP)
+    p.add_argument("--shard", default="0/1", help="process shard i of n of the slides (e.g. 0/4); safe to run shards in parallel")
+    p = add("report", cmd_report, "metrics and plots for a predictions.csv",
+            "Re-compute metrics with bootstrap intervals and redraw ROC, PR and calibration plots for any predictions.csv "
+            "(from crossval or predict), or for a run folder.")
+    p.add_argument("predictions", help="a predictions.csv or a run folder that holds one")
+    p.add_argument("--target", help="label column (default: from the run's run.yaml)")
+    p.add_argument("--classes", nargs="+", help="class order, last = positive (default: from run.yaml or sorted labels)")
+    p.add_argument("--output-dir", help="where to write (default: beside the predictions)")
+    add("print-config", cmd_print_config, "print the resolved config",
+        "Merge the schema defaults, YAML files and overrides and print the result.",
+        ).add_argument("config", nargs="*", help=CONFIG_HELP)
+    return parser
+
+
+def _quiet_third_party() -> None:
+    """Keep the console to our own progress and results (``-v`` shows everything)."""
+    import lightning  # noqa: F401  (its loggers must exist before their level is set)
+
+    warnings.filterwarnings("ignore", category=DeprecationWarning)
+    warnings.filterwarnings("ignore", message=".*(LeafSpec|does not have many workers|num_workers).*")
+    for name in ("lightning", "lightning.pytorch", "lightning.fabric"):
+        logging.getLogger(name).setLevel(logging.WARNING)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(
+        level=logging.DEBUG if args.verbose else logging.INFO,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        datefmt="%H:%M:%S",
+    )
+    if not args.verbose and args.command != "print-config":
+        _quiet_third_party()
+    try:
+        args.func(args)
+    except (ValueError, KeyError, FileNotFoundError, TypeError) as e:
+        if args.verbose:
+            raise
+        message = e.args[0] if isinstance(e, KeyError) and e.args else e
+        print(f"mil {args.command}: error: {message}", file=sys.stderr)
+        return 2
+    return 0

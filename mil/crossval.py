@@ -1,0 +1,228 @@
+"""`mil crossval` and `mil train`: runs from a config to a folder of models and results.
+
+A run folder holds ``config.yaml`` (the resolved config, enough to rerun), ``run.yaml``
+(what prediction needs: class order, feature dimension, encoder identity), ``skipped.csv``,
+and for cross-validation ``splits.yaml``, ``fold_<k>/`` and the pooled results. A fold is
+finished when its ``predictions.csv`` exists (written last, atomically), so a rerun into the
+same folder keeps finished folds and redoes an interrupted one.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+import torch
+from lightning.fabric.utilities.rank_zero import rank_zero_only
+from omegaconf import DictConfig, OmegaConf
+
+from mil import __version__
+from mil.cohort import Bag, Cohort, load_cohort
+from mil.config import ConfigError, load_config, require, save_config
+from mil.inference import load_weights, predict_bags, resolve_device, save_weights
+from mil.io import atomic_path, write_json, write_text
+from mil.models import create_model
+from mil.report import write_report
+from mil.splits import Fold, check_class_counts, inner_split, load_splits, make_splits, save_splits
+from mil.training import fit
+
+logger = logging.getLogger(__name__)
+
+# Keys that do not change results: a resumed run may differ in these.
+_RESUME_FREE = {"output_dir", "trainer.enable_progress_bar", "trainer.logger", "train.num_workers", "cv.split_file"}
+_REQUIRED = ["cohort.slide_csv", "cohort.features_dir", "cohort.target"]
+
+
+def is_main_process() -> bool:
+    return rank_zero_only.rank == 0
+
+
+def _flat(cfg: DictConfig) -> dict[str, Any]:
+    flat: dict[str, Any] = {}
+
+    def walk(node: Any, prefix: str) -> None:
+        if isinstance(node, dict):
+            for k, v in node.items():
+                walk(v, f"{prefix}{k}.")
+        else:
+            flat[prefix[:-1]] = node
+
+    walk(OmegaConf.to_container(cfg, resolve=True), "")
+    return flat
+
+
+def _check_resumable(cfg: DictConfig, out: Path) -> None:
+    saved_path = out / "config.yaml"
+    if not saved_path.is_file():
+        return
+    saved, now = _flat(load_config(base=OmegaConf.load(saved_path))), _flat(cfg)
+    diff = {k for k in saved.keys() | now.keys() if saved.get(k) != now.get(k)} - _RESUME_FREE
+    if diff:
+        details = ", ".join(f"{k}: {saved.get(k)!r} -> {now.get(k)!r}" for k in sorted(diff)[:5])
+        raise ConfigError(
+            f"output_dir {out} holds a run with a different config ({details}); "
+            "use a new output_dir, or delete the old run to start over"
+        )
+
+
+def prepare_run(cfg: DictConfig, kind: str) -> tuple[Path, Cohort]:
+    """Validate the config, load the cohort and write the run's metadata files."""
+    require(cfg, _REQUIRED, kind)
+    out = Path(cfg.output_dir)
+    _check_resumable(cfg, out)
+    cohort = load_cohort(cfg.cohort)
+    if len(cohort.classes) < 2:
+        raise ConfigError(f"cohort.target {cfg.cohort.target!r} has a single class {cohort.classes}: nothing to learn")
+    if is_main_process():
+        out.mkdir(parents=True, exist_ok=True)
+        save_config(cfg, out / "config.yaml")
+        with atomic_path(out / "skipped.csv") as tmp:
+            cohort.skipped.to_csv(tmp, index=False)
+        meta = {
+            "kind": kind,
+            "toolkit_version": __version__,
+            "target": cfg.cohort.target,
+            "classes": cohort.classes,
+            "bag_level": cohort.bag_level,
+            "in_dim": cohort.dim,
+            "encoder": cohort.identity,
+            "model": cfg.model.name,
+        }
+        write_text(out / "run.yaml", OmegaConf.to_yaml(OmegaConf.create(meta)))
+    return out, cohort
+
+
+def build_model(cfg: DictConfig, in_dim: int, n_outputs: int) -> torch.nn.Module:
+    return create_model(cfg.model.name, in_dim, n_outputs, **OmegaConf.to_container(cfg.model.args))
+
+
+def _targets(cohort: Cohort, bags: list[Bag]) -> torch.Tensor:
+    index = {c: i for i, c in enumerate(cohort.classes)}
+    return torch.tensor([index[b.label] for b in bags], dtype=torch.long)
+
+
+def id_columns(cfg: DictConfig) -> list[str]:
+    c = cfg.cohort
+    return [c.patient_column] + ([c.slide_column] if c.bag_level == "slide" else [])
+
+
+def predictions_frame(cfg: DictConfig, classes: list[str], bags: list[Bag], probs: np.ndarray) -> pd.DataFrame:
+    """One row per bag: ids, true label (when known) and ``prob_<class>`` columns."""
+    c = cfg.cohort
+    df = pd.DataFrame({c.patient_column: [b.patient_id for b in bags]})
+    if c.bag_level == "slide":
+        df[c.slide_column] = [b.slide_ids[0] for b in bags]
+    df[c.target] = [b.label for b in bags]
+    for i, name in enumerate(classes):
+        df[f"prob_{name}"] = probs[:, i]
+    return df
+
+
+def _write_csv(df: pd.DataFrame, path: Path) -> None:
+    with atomic_path(path) as tmp:
+        df.to_csv(tmp, index=False)
+
+
+def _train_one(
+    cfg: DictConfig, cohort: Cohort, train: list[str], val: list[str], out_dir: Path, seed: int, what: str
+) -> tuple[torch.nn.Module, dict[str, Any]]:
+    train_bags, val_bags = cohort.subset(set(train)), cohort.subset(set(val))
+    n_classes = len(cohort.classes)
+    for name, bags in (("training", train_bags), ("validation", val_bags)):
+        labels = _targets(cohort, bags).numpy()
+        check_class_counts(np.array([b.patient_id for b in bags]), labels, 1, cohort.classes, f"the {name} split of {what}")
+    model = build_model(cfg, cohort.dim, n_classes)
+    return fit(
+        cfg, model, train_bags, _targets(cohort, train_bags), val_bags, _targets(cohort, val_bags),
+        n_classes, out_dir, seed,
+    )
+
+
+def run_fold(cfg: DictConfig, cohort: Cohort, fold: Fold, fold_dir: Path, seed: int) -> pd.DataFrame | None:
+    """Train on ``fold.train``, select on ``fold.val``; only then predict ``fold.test``."""
+    model, summary = _train_one(cfg, cohort, fold.train, fold.val, fold_dir, seed, fold.name)
+    if not is_main_process():
+        return None
+    save_weights(model, fold_dir / "model.safetensors")
+    test_bags = cohort.subset(set(fold.test))
+    probs = predict_bags(
+        model, test_bags, cfg.train.eval_batch_size, resolve_device(cfg.trainer.accelerator), cfg.train.precision
+    )
+    df = predictions_frame(cfg, cohort.classes, test_bags, probs)
+    df.insert(len(id_columns(cfg)), "fold", fold.name)
+    if cfg.cv.repeats > 1:
+        df.insert(len(id_columns(cfg)) + 1, "repeat", fold.repeat)
+    write_json(fold_dir / "summary.json", {**summary, "n_train": len(fold.train), "n_val": len(fold.val), "n_test": len(fold.test)})
+    _write_csv(df, fold_dir / "predictions.csv")  # last: marks the fold finished
+    return df
+
+
+def _splits(cfg: DictConfig, cohort: Cohort, out: Path) -> list[Fold]:
+    saved = out / "splits.yaml"
+    if cfg.cv.split_file:
+        folds = load_splits(cfg.cv.split_file, set(cohort.patient_ids.tolist()))
+    elif saved.is_file():  # resuming: the splits already used must be kept
+        folds = load_splits(saved, set(cohort.patient_ids.tolist()))
+    else:
+        folds = make_splits(
+            cohort.patient_ids, cohort.labels, cohort.classes, cfg.cv.folds, cfg.cv.repeats, cfg.cv.seed, cfg.cv.val_fraction
+        )
+    if is_main_process():
+        save_splits(folds, saved)
+    return folds
+
+
+def run_crossval(cfg: DictConfig) -> Path:
+    """Cross-validate ``cfg`` into ``cfg.output_dir``; returns the run folder."""
+    out, cohort = prepare_run(cfg, "crossval")
+    folds = _splits(cfg, cohort, out)
+    frames = []
+    for i, fold in enumerate(folds):
+        fold_dir = out / fold.name
+        done = fold_dir / "predictions.csv"
+        if done.is_file():
+            logger.info("%s already finished, keeping it", fold.name)
+            frames.append(pd.read_csv(done, dtype={c: str for c in [*id_columns(cfg), cfg.cohort.target]}))
+            continue
+        logger.info("%s (%d/%d): %d train, %d val, %d test patients", fold.name, i + 1, len(folds), len(fold.train), len(fold.val), len(fold.test))
+        frames.append(run_fold(cfg, cohort, fold, fold_dir, seed=cfg.train.seed + i))
+    if not is_main_process():
+        return out
+    predictions = pd.concat(frames, ignore_index=True)
+    _write_csv(predictions, out / "predictions.csv")
+    result = write_report(predictions, cfg.cohort.target, cohort.classes, out, id_columns(cfg), n_boot=cfg.cv.bootstrap, seed=cfg.cv.seed)
+    pooled = result["pooled"]
+    logger.info(
+        "pooled out-of-fold AUROC %.3f [%.3f, %.3f], balanced accuracy %.3f; results in %s",
+        pooled["auroc"]["value"], pooled["auroc"]["ci_low"], pooled["auroc"]["ci_high"],
+        pooled["balanced_accuracy"]["value"], out,
+    )
+    return out
+
+
+def run_train(cfg: DictConfig) -> Path:
+    """Train one model on the whole cohort (a stratified validation split picks the epoch)."""
+    out, cohort = prepare_run(cfg, "train")
+    weights = out / "model.safetensors"
+    if weights.is_file():
+        logger.info("%s exists; this run is finished", weights)
+        return out
+    train, val = inner_split(cohort.patient_ids, cohort.labels, cfg.cv.val_fraction, seed=cfg.cv.seed)
+    if is_main_process():
+        save_splits([Fold("final", 0, 0, train, val, [])], out / "splits.yaml")
+    model, summary = _train_one(cfg, cohort, train, val, out, cfg.train.seed, "the final model")
+    if is_main_process():
+        write_json(out / "summary.json", {**summary, "n_train": len(train), "n_val": len(val)})
+        save_weights(model, weights)  # last: marks the run finished
+    return out
+
+
+def load_run_model(run_dir: str | Path, weights: str | Path) -> torch.nn.Module:
+    """Rebuild a run's network from its ``config.yaml`` / ``run.yaml`` and load ``weights``."""
+    run_dir = Path(run_dir)
+    cfg = load_config(base=OmegaConf.load(run_dir / "config.yaml"))
+    meta = OmegaConf.load(run_dir / "run.yaml")
+    return load_weights(build_model(cfg, int(meta.in_dim), len(meta.classes)), weights)

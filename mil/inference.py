@@ -1,0 +1,59 @@
+"""Applying trained aggregators to bags, and saving / loading their weights (safetensors)."""
+
+from __future__ import annotations
+
+import contextlib
+from pathlib import Path
+
+import numpy as np
+import torch
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from mil.cohort import Bag
+from mil.data import BagDataset, make_loader
+from mil.io import atomic_path
+
+
+def save_weights(model: nn.Module, path: str | Path) -> None:
+    state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
+    with atomic_path(path) as tmp:
+        save_file(state, str(tmp))
+
+
+def load_weights(model: nn.Module, path: str | Path) -> nn.Module:
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"model weights {path} do not exist")
+    model.load_state_dict(load_file(str(path)))
+    return model
+
+
+def resolve_device(accelerator: str = "auto") -> torch.device:
+    if accelerator in ("auto", "gpu", "cuda"):
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(accelerator)
+
+
+@torch.inference_mode()
+def predict_bags(
+    model: nn.Module,
+    bags: list[Bag],
+    batch_size: int = 1,
+    device: torch.device | str = "cpu",
+    precision: str = "32-true",
+    num_workers: int = 0,
+) -> np.ndarray:
+    """Softmax probabilities [n_bags, C] of full bags, in the order of ``bags``."""
+    device = torch.device(device)
+    model = model.to(device).eval()
+    autocast = (
+        torch.autocast(device.type, dtype=torch.bfloat16) if precision.startswith("bf16") else contextlib.nullcontext()
+    )
+    loader = make_loader(BagDataset(bags), batch_size, shuffle=False, num_workers=num_workers)
+    out = []
+    for batch in loader:
+        with autocast:
+            logits = model(batch["features"].to(device).float(), batch["mask"].to(device)).logits
+        out.append(logits.float().softmax(-1).cpu())
+    return torch.cat(out).numpy()

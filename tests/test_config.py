@@ -1,0 +1,67 @@
+"""Config schema: every shipped YAML validates; typos are errors with a suggestion."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+from omegaconf import OmegaConf
+
+from mil.config import ConfigError, load_config, require
+
+CONFIGS = sorted((Path(__file__).resolve().parents[1] / "configs").rglob("*.yaml"))
+
+
+def test_configs_exist():
+    assert len(CONFIGS) >= 2
+
+
+@pytest.mark.parametrize("path", CONFIGS, ids=lambda p: str(p.relative_to(p.parents[1])))
+def test_shipped_config_validates(path):
+    cfg = load_config([str(path)])
+    OmegaConf.to_container(cfg, resolve=True)  # interpolations resolve
+    if cfg.model.name:
+        from mil.models import MODELS
+
+        assert cfg.model.name in MODELS
+
+
+def test_overrides_merge_in_order(tmp_path):
+    a = tmp_path / "a.yaml"
+    a.write_text("train:\n  lr: 0.01\ncv:\n  folds: 3\n")
+    cfg = load_config([str(a), "train.lr=0.5", "cohort.classes=[a,b]"])
+    assert cfg.train.lr == 0.5 and cfg.cv.folds == 3 and list(cfg.cohort.classes) == ["a", "b"]
+    assert cfg.train.batch_size == 8  # schema default
+
+
+@pytest.mark.parametrize(
+    ("item", "message"),
+    [
+        ("train.lrr=1", "unknown config key 'train.lrr'; did you mean 'train.lr'"),
+        ("cohort.bag_levl=slide", "did you mean 'cohort.bag_level'"),
+        ("trainr.devices=2", "unknown config key 'trainr'"),
+        ("train.lr=fast", "invalid value for train.lr"),
+    ],
+)
+def test_bad_keys_and_values(item, message):
+    with pytest.raises(ConfigError, match=message):
+        load_config([item])
+
+
+def test_bad_key_in_yaml_names_file(tmp_path):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("cohort:\n  targett: MSI\n")
+    with pytest.raises(ConfigError, match=r"bad\.yaml: unknown config key 'cohort.targett'; did you mean 'cohort.target'"):
+        load_config([str(bad)])
+    with pytest.raises(ConfigError, match="does not exist"):
+        load_config([str(tmp_path / "nope.yaml")])
+
+
+def test_model_args_are_free_form():
+    cfg = load_config(["model.args.hidden_dim=64", "model.args.embed_dims=[8,4]"])
+    assert cfg.model.args.hidden_dim == 64
+
+
+def test_require_lists_all_missing():
+    with pytest.raises(ConfigError, match="cohort.slide_csv, cohort.target"):
+        require(load_config([]), ["cohort.slide_csv", "cohort.target"], "crossval")

@@ -1,0 +1,166 @@
+"""`mil crossval` / `mil train` end to end on a tiny synthetic cohort."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import pandas as pd
+import pytest
+from omegaconf import OmegaConf
+
+import mil.crossval
+from mil.config import ConfigError, load_config
+from mil.crossval import run_crossval, run_train
+from mil.splits import load_splits
+
+
+def _cfg(tmp_path, cohort_overrides, fast_overrides, *extra, name="run"):
+    return load_config([*cohort_overrides, *fast_overrides, f"output_dir={tmp_path / name}", *extra])
+
+
+def test_crossval_outputs(tmp_path, cohort_overrides, fast_overrides):
+    out = run_crossval(_cfg(tmp_path, cohort_overrides, fast_overrides))
+    for name in ["config.yaml", "run.yaml", "splits.yaml", "skipped.csv", "predictions.csv", "metrics.json",
+                 "summary.md", "roc.png", "pr.png", "calibration.png"]:
+        assert (out / name).is_file(), name
+    for k in range(3):
+        assert {"model.safetensors", "predictions.csv", "summary.json"} <= {p.name for p in (out / f"fold_{k}").iterdir()}
+    pred = pd.read_csv(out / "predictions.csv", dtype={"patient_id": str})
+    assert list(pred.columns) == ["patient_id", "fold", "MSI", "prob_MSS", "prob_MSI-H"]
+    assert pred.patient_id.is_unique and len(pred) == 30
+    assert ((pred.prob_MSS + pred["prob_MSI-H"]) - 1).abs().max() < 1e-5
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert set(metrics["folds"]) == {"fold_0", "fold_1", "fold_2"}
+    pooled = metrics["pooled"]["auroc"]
+    assert pooled["ci_low"] <= pooled["value"] <= pooled["ci_high"]
+    assert set(metrics["across_folds"]["auroc"]) == {"mean", "std"}
+    meta = OmegaConf.load(out / "run.yaml")
+    assert list(meta.classes) == ["MSS", "MSI-H"] and meta.in_dim == 16 and meta.encoder.encoder == "synthetic"
+    # The saved config reruns: it validates against the schema.
+    assert load_config([str(out / "config.yaml")]).cohort.target == "MSI"
+
+
+def test_no_patient_leaks_and_test_fold_untouched_until_evaluation(tmp_path, cohort_overrides, fast_overrides, monkeypatch):
+    """Record every bag read and every final evaluation; test bags must appear only at evaluation."""
+    events: list[tuple[str, str]] = []
+    import mil.data
+
+    real_read, real_predict = mil.data.read_features, mil.crossval.predict_bags
+
+    def read(path, *a, **kw):
+        events.append(("read", path.stem.split("-")[0]))
+        return real_read(path, *a, **kw)
+
+    def predict(model, bags, *a, **kw):
+        events.append(("evaluate", ""))
+        return real_predict(model, bags, *a, **kw)
+
+    monkeypatch.setattr(mil.data, "read_features", read)
+    monkeypatch.setattr(mil.crossval, "predict_bags", predict)
+    out = run_crossval(_cfg(tmp_path, cohort_overrides, fast_overrides))
+    folds = load_splits(out / "splits.yaml", set(pd.read_csv(out / "predictions.csv").patient_id))
+    # Split events by evaluation markers: segment k holds fold k's training then its evaluation.
+    marks = [i for i, e in enumerate(events) if e[0] == "evaluate"]
+    assert len(marks) == len(folds)
+    start = 0
+    for fold, mark in zip(folds, marks, strict=True):
+        assert not set(fold.train) & set(fold.val) and not (set(fold.train) | set(fold.val)) & set(fold.test)
+        trained_on = {p for kind, p in events[start:mark] if kind == "read"}
+        assert trained_on <= set(fold.train) | set(fold.val)
+        assert not trained_on & set(fold.test), f"{fold.name}: test patients read before evaluation"
+        next_mark = marks[marks.index(mark) + 1] if mark != marks[-1] else len(events)
+        evaluated = {p for kind, p in events[mark:next_mark] if kind == "read"}
+        assert set(fold.test) <= evaluated
+        start = mark + 1
+
+
+def test_same_seed_same_predictions(tmp_path, cohort_overrides, fast_overrides):
+    a = run_crossval(_cfg(tmp_path, cohort_overrides, fast_overrides, name="a"))
+    b = run_crossval(_cfg(tmp_path, cohort_overrides, fast_overrides, name="b"))
+    assert (a / "splits.yaml").read_text() == (b / "splits.yaml").read_text()
+    pd.testing.assert_frame_equal(pd.read_csv(a / "predictions.csv"), pd.read_csv(b / "predictions.csv"))
+
+
+def test_resume_keeps_finished_folds_and_redoes_interrupted(tmp_path, cohort_overrides, fast_overrides, monkeypatch):
+    cfg = _cfg(tmp_path, cohort_overrides, fast_overrides)
+    real_fold = mil.crossval.run_fold
+    calls = []
+
+    def crash_on_second(cfg, cohort, fold, fold_dir, seed):
+        calls.append(fold.name)
+        if len(calls) == 2:
+            (fold_dir / "model.safetensors").parent.mkdir(parents=True, exist_ok=True)
+            (fold_dir / "model.safetensors").write_bytes(b"half-written")  # no predictions.csv: unfinished
+            raise KeyboardInterrupt
+        return real_fold(cfg, cohort, fold, fold_dir, seed)
+
+    monkeypatch.setattr(mil.crossval, "run_fold", crash_on_second)
+    with pytest.raises(KeyboardInterrupt):
+        run_crossval(cfg)
+    out = tmp_path / "run"
+    first = (out / "fold_0" / "predictions.csv").read_text()
+    assert not (out / "fold_1" / "predictions.csv").exists() and not (out / "predictions.csv").exists()
+
+    calls.clear()
+    monkeypatch.setattr(mil.crossval, "run_fold", real_fold)
+    monkeypatch.setattr(mil.crossval, "run_fold", lambda *a, **kw: calls.append(a[2].name) or real_fold(*a, **kw))
+    run_crossval(cfg)
+    assert calls == ["fold_1", "fold_2"]  # fold_0 kept, interrupted fold_1 redone
+    assert (out / "fold_0" / "predictions.csv").read_text() == first
+    assert len(pd.read_csv(out / "predictions.csv")) == 30
+
+
+def test_resume_with_changed_config_is_refused(tmp_path, cohort_overrides, fast_overrides):
+    cfg = _cfg(tmp_path, cohort_overrides, fast_overrides, "train.max_epochs=1")
+    run_crossval(cfg)
+    with pytest.raises(ConfigError, match=r"holds a run with a different config \(train.lr: 0.003 -> 0.1\)"):
+        run_crossval(_cfg(tmp_path, cohort_overrides, fast_overrides, "train.max_epochs=1", "train.lr=0.1"))
+
+
+def test_split_file_is_reused_exactly(tmp_path, cohort_overrides, fast_overrides):
+    a = run_crossval(_cfg(tmp_path, cohort_overrides, fast_overrides, "train.max_epochs=1", name="a"))
+    b = run_crossval(_cfg(tmp_path, cohort_overrides, fast_overrides, "train.max_epochs=1", "cv.seed=99",
+                          f"cv.split_file={a / 'splits.yaml'}", name="b"))
+    assert (a / "splits.yaml").read_text() == (b / "splits.yaml").read_text()
+
+
+def test_slide_level_crossval(tmp_path, cohort_overrides, fast_overrides):
+    out = run_crossval(_cfg(tmp_path, cohort_overrides, fast_overrides, "cohort.bag_level=slide", "train.max_epochs=1"))
+    pred = pd.read_csv(out / "predictions.csv")
+    assert list(pred.columns[:3]) == ["patient_id", "slide_id", "fold"]
+    folds = load_splits(out / "splits.yaml", set(pred.patient_id))
+    for f in folds:  # slides of one patient never straddle train and test
+        assert set(pred[pred.fold == f.name].patient_id) == set(f.test)
+
+
+def test_train_writes_one_model(tmp_path, cohort_overrides, fast_overrides):
+    out = run_train(_cfg(tmp_path, cohort_overrides, fast_overrides))
+    assert (out / "model.safetensors").is_file() and (out / "summary.json").is_file()
+    model = mil.crossval.load_run_model(out, out / "model.safetensors")
+    assert sum(p.numel() for p in model.parameters()) > 0
+
+
+def test_cli_error_is_one_clear_line(tmp_path, cohort_overrides):
+    proc = subprocess.run(
+        [sys.executable, "-m", "mil", "crossval", *cohort_overrides, "model.name=gated_abmill", f"output_dir={tmp_path}"],
+        capture_output=True, text=True,
+    )
+    assert proc.returncode == 2
+    assert "Unknown model 'gated_abmill'. Did you mean 'gated_abmil'?" in proc.stderr
+    assert "Traceback" not in proc.stderr
+
+
+@pytest.mark.skipif(sys.platform != "linux", reason="DDP test uses gloo on Linux")
+def test_ddp_two_cpu_processes(tmp_path, cohort_overrides, fast_overrides):
+    """`trainer.devices=2 trainer.strategy=ddp` trains through Lightning's DDP (gloo on CPU)."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run(
+        [sys.executable, "-m", "mil", "train", *cohort_overrides, *fast_overrides, "trainer.devices=2",
+         "trainer.strategy=ddp", "train.max_epochs=2", f"output_dir={tmp_path / 'ddp'}"],
+        capture_output=True, text=True, env=env, timeout=300,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert (tmp_path / "ddp" / "model.safetensors").is_file()
