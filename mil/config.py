@@ -65,6 +65,7 @@ class TrainConfig:
     scheduler: str = "cosine"  # "cosine" or "none"
     patience: int = 10  # epochs without improvement of `monitor` before stopping
     monitor: str = "val_loss"  # val_loss, val_auroc, val_ap, val_balanced_accuracy, val_f1
+    standardize: bool = False  # z-score each feature with training-fold statistics (low-dim features)
     class_weighted: bool = True  # weight the loss by inverse class frequency
     aux_loss_weight: float = 0.3  # weight of a model's auxiliary loss (CLAM, DSMIL)
     precision: str = "32-true"  # Lightning precision: "32-true", "bf16-mixed", "16-mixed"

@@ -25,6 +25,7 @@ from mil.config import ConfigError, load_config, require, save_config
 from mil.inference import load_weights, predict_bags, resolve_device, save_weights
 from mil.io import atomic_path, write_json, write_text
 from mil.models import create_model
+from mil.normalize import Standardized
 from mil.report import write_report
 from mil.splits import Fold, check_class_counts, inner_split, load_splits, make_splits, save_splits
 from mil.training import fit
@@ -96,7 +97,9 @@ def prepare_run(cfg: DictConfig, kind: str) -> tuple[Path, Cohort]:
 
 
 def build_model(cfg: DictConfig, in_dim: int, n_outputs: int) -> torch.nn.Module:
-    return create_model(cfg.model.name, in_dim, n_outputs, **OmegaConf.to_container(cfg.model.args))
+    """The configured aggregator, wrapped in :class:`Standardized` when ``train.standardize``."""
+    model = create_model(cfg.model.name, in_dim, n_outputs, **OmegaConf.to_container(cfg.model.args))
+    return Standardized(model, in_dim) if cfg.train.standardize else model
 
 
 def _targets(cohort: Cohort, bags: list[Bag]) -> torch.Tensor:
@@ -135,6 +138,8 @@ def _train_one(
         labels = _targets(cohort, bags).numpy()
         check_class_counts(np.array([b.patient_id for b in bags]), labels, 1, cohort.classes, f"the {name} split of {what}")
     model = build_model(cfg, cohort.dim, n_classes)
+    if isinstance(model, Standardized):
+        model.fit(train_bags)  # training patients only: val and test stay unseen
     return fit(
         cfg, model, train_bags, _targets(cohort, train_bags), val_bags, _targets(cohort, val_bags),
         n_classes, out_dir, seed,
