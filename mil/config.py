@@ -67,7 +67,7 @@ class TrainConfig:
     monitor: str = "val_loss"  # val_loss, val_auroc, val_ap, val_balanced_accuracy, val_f1
     standardize: bool = False  # z-score each feature with training-fold statistics (low-dim features)
     class_weighted: bool = True  # weight the loss by inverse class frequency
-    aux_loss_weight: float = 0.3  # weight of a model's auxiliary loss (CLAM, DSMIL)
+    aux_loss_weight: float | None = None  # weight of a model's auxiliary loss (CLAM, DSMIL); None: the paper's
     precision: str = "32-true"  # Lightning precision: "32-true", "bf16-mixed", "16-mixed"
     num_workers: int = 0
     seed: int = 0

@@ -24,6 +24,7 @@ class Standardized(nn.Module):
         self.register_buffer("std", torch.ones(dim))
         self.aux_loss = getattr(model, "aux_loss", None)
         self.aux_loss_kwargs = getattr(model, "aux_loss_kwargs", {})
+        self.aux_loss_weight = getattr(model, "aux_loss_weight", 1.0)
 
     def fit(self, bags: list[Bag]) -> Standardized:
         """Set mean and std from every tile of ``bags`` (one streaming pass, float64 sums)."""

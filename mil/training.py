@@ -70,7 +70,7 @@ class MILModule(L.LightningModule):
         class_weights: list[float] | None = None,
         scheduler: str = "cosine",
         max_epochs: int = 40,
-        aux_loss_weight: float = 0.3,
+        aux_loss_weight: float | None = None,
     ) -> None:
         super().__init__()
         self.save_hyperparameters(ignore=["model"])
@@ -80,6 +80,7 @@ class MILModule(L.LightningModule):
         )
         aux_name = getattr(model, "aux_loss", None)
         self.aux_loss = AUX_LOSSES.get(aux_name) if aux_name else None
+        self.aux_weight = aux_loss_weight if aux_loss_weight is not None else getattr(model, "aux_loss_weight", 1.0)
         self.val_metrics = _metrics(n_classes).clone(prefix="val_")
 
     def forward(self, features: torch.Tensor, mask: torch.Tensor):
@@ -91,7 +92,7 @@ class MILModule(L.LightningModule):
         loss = F.cross_entropy(out.logits.float(), y, weight=self.class_weights)
         if self.aux_loss is not None and self.training:
             aux = self.aux_loss(out, y, batch["mask"], **getattr(self.model, "aux_loss_kwargs", {}))
-            loss = loss + self.hparams.aux_loss_weight * aux
+            loss = loss + self.aux_weight * aux
         return loss, out.logits.float()
 
     def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:

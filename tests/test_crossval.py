@@ -12,6 +12,7 @@ import pytest
 from omegaconf import OmegaConf
 
 import mil.crossval
+from mil.cohort import load_cohort
 from mil.config import ConfigError, load_config
 from mil.crossval import run_crossval, run_train
 from mil.splits import load_splits
@@ -164,3 +165,14 @@ def test_ddp_two_cpu_processes(tmp_path, cohort_overrides, fast_overrides):
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert (tmp_path / "ddp" / "model.safetensors").is_file()
+
+
+@pytest.mark.parametrize("name", __import__("mil.models", fromlist=["MODELS"]).MODELS.names())
+def test_every_registered_model_trains(tmp_path, cohort_overrides, fast_overrides, name):
+    """A one-epoch fit of each aggregator through the Lightning loop (auxiliary losses included)."""
+    cfg = _cfg(tmp_path, cohort_overrides, fast_overrides, f"model.name={name}", "train.max_epochs=1",
+               "model.args={hidden_dim: 16}")
+    out = run_train(cfg)
+    model = mil.crossval.load_run_model(out, out / "model.safetensors")
+    probs = mil.crossval.predict_bags(model, load_cohort(cfg.cohort).bags[:3])
+    assert probs.shape == (3, 2) and abs(probs.sum(1) - 1).max() < 1e-5

@@ -1,0 +1,59 @@
+"""Attention-based MIL (Ilse, Tomczak & Welling, ICML 2018): plain and gated attention.
+
+tiles -> per-tile MLP -> attention pooling (softmax over tiles) -> linear bag head.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+from torch import nn
+
+from mil.models.base import MODELS, MILOutput, check_inputs
+from mil.models.layers import AttentionPool, InstanceEmbedding
+
+
+@MODELS.register("abmil")
+class ABMIL(nn.Module):
+    """Attention MIL with ``a = w^T tanh(V h)`` (Ilse et al. 2018, eq. 8).
+
+    Options: ``hidden_dim`` (embedding width when ``embed_dims`` is None), ``attn_dim``
+    (width of the attention network), ``dropout`` (after each embedding layer),
+    ``embed_dims`` (explicit embedding widths, e.g. ``[256, 128, 64]``).
+    Attention: [B, N], softmax over valid tiles.
+    """
+
+    gated = False
+
+    def __init__(
+        self,
+        in_dim: int,
+        n_outputs: int,
+        *,
+        hidden_dim: int = 512,
+        attn_dim: int = 128,
+        dropout: float = 0.25,
+        embed_dims: Sequence[int] | None = None,
+    ) -> None:
+        super().__init__()
+        self.embed = InstanceEmbedding(in_dim, embed_dims, hidden_dim, dropout)
+        self.pool = AttentionPool(self.embed.out_dim, attn_dim, n_branches=1, gated=self.gated)
+        self.head = nn.Linear(self.embed.out_dim, n_outputs)
+        self.n_outputs = n_outputs
+
+    def forward(self, features: torch.Tensor, mask: torch.Tensor | None = None) -> MILOutput:
+        mask = check_inputs(features, mask)  # [B, N]
+        B, N, _ = features.shape
+        h = self.embed(features)  # [B, N, E]
+        pooled, weights = self.pool(h, mask)  # [B, 1, E], [B, 1, N]
+        logits = self.head(pooled[:, 0])  # [B, C]
+        assert logits.shape == (B, self.n_outputs) and weights.shape == (B, 1, N)
+        return MILOutput(logits=logits, attention=weights[:, 0])  # attention [B, N]
+
+
+@MODELS.register("gated_abmil")
+class GatedABMIL(ABMIL):
+    """Gated attention MIL: ``a = w^T (tanh(V h) * sigmoid(U h))`` (Ilse et al. 2018, eq. 9)."""
+
+    gated = True

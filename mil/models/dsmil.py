@@ -1,0 +1,91 @@
+"""DSMIL (Li, Li & Eliceiri, CVPR 2021): dual-stream MIL with a critical-instance attention.
+
+Stream 1 (instance classifier): per-tile class scores; the highest-scoring valid tile per
+class is that class's *critical instance*. Stream 2 (bag classifier): each tile's query is
+compared with the critical instance's query; a masked softmax of the scaled similarities
+weights the tile values into one bag vector per class, and a linear layer over all class
+vectors gives the bag logits (the original Conv1d(C, C, kernel=E) is exactly a Linear over
+the flattened [C * E] input).
+
+``aux["instance_logits"]`` [B, N, C] feeds the ``dsmil_max_instance`` loss in
+:mod:`mil.losses`; ``aux["critical_index"]`` [B, C] is the critical tile of each class.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+
+import torch
+from torch import nn
+
+from mil.models.base import MODELS, MILOutput, check_inputs, masked_softmax
+from mil.models.layers import InstanceEmbedding
+
+
+@MODELS.register("dsmil")
+class DSMIL(nn.Module):
+    """Dual-stream MIL. Attention: [B, C, N], one softmax over valid tiles per class.
+
+    Options: ``hidden_dim`` (embedding width when ``embed_dims`` is None; ``embed_dims=[]``
+    uses the features directly as in the original), ``dropout`` (embedding), ``embed_dims``,
+    ``q_dim`` (query width, 128), ``nonlinear_q`` (two-layer tanh query network as in the
+    original, else one Linear), ``passing_v`` (learned value projection instead of the
+    identity), ``dropout_v`` (dropout before the value projection).
+    """
+
+    aux_loss = "dsmil_max_instance"
+    aux_loss_weight = 1.0  # Li et al. weigh bag and max-instance losses 0.5 / 0.5
+
+    def __init__(
+        self,
+        in_dim: int,
+        n_outputs: int,
+        *,
+        hidden_dim: int = 256,
+        dropout: float = 0.25,
+        embed_dims: Sequence[int] | None = None,
+        q_dim: int = 128,
+        nonlinear_q: bool = True,
+        passing_v: bool = False,
+        dropout_v: float = 0.0,
+    ) -> None:
+        super().__init__()
+        self.embed = InstanceEmbedding(in_dim, embed_dims, hidden_dim, dropout)
+        dim = self.embed.out_dim
+        self.instance_classifier = nn.Linear(dim, n_outputs)
+        if nonlinear_q:
+            self.query = nn.Sequential(nn.Linear(dim, q_dim), nn.ReLU(), nn.Linear(q_dim, q_dim), nn.Tanh())
+        else:
+            self.query = nn.Linear(dim, q_dim)
+        self.value: nn.Module = (
+            nn.Sequential(nn.Dropout(dropout_v), nn.Linear(dim, dim), nn.ReLU())
+            if passing_v
+            else nn.Identity()
+        )
+        self.bag_classifier = nn.Linear(n_outputs * dim, n_outputs)  # == Conv1d(C, C, kernel_size=E)
+        self.n_outputs = n_outputs
+        self.aux_loss_kwargs: dict[str, object] = {}
+        self.scale = 1.0 / math.sqrt(q_dim)
+
+    def forward(self, features: torch.Tensor, mask: torch.Tensor | None = None) -> MILOutput:
+        mask = check_inputs(features, mask)  # [B, N]
+        B, N, _ = features.shape
+        C = self.n_outputs
+        h = self.embed(features)  # [B, N, E]
+        E = h.shape[-1]
+        instance_logits = self.instance_classifier(h)  # [B, N, C]
+        # Critical instance per class: the top-scoring *valid* tile (no gradient through argmax).
+        masked = instance_logits.detach().masked_fill(~mask[..., None], float("-inf"))
+        critical = masked.argmax(dim=1)  # [B, C]
+        q = self.query(h)  # [B, N, Q]
+        h_crit = torch.gather(h, 1, critical[..., None].expand(B, C, E))  # [B, C, E]
+        q_crit = self.query(h_crit)  # [B, C, Q]
+        sim = torch.bmm(q_crit, q.transpose(1, 2)) * self.scale  # [B, C, N]
+        attention = masked_softmax(sim, mask[:, None, :])  # [B, C, N]
+        v = self.value(h)  # [B, N, E]
+        bag = torch.bmm(attention.to(v.dtype), v)  # [B, C, E]
+        logits = self.bag_classifier(bag.reshape(B, C * E))  # [B, C]
+        assert logits.shape == (B, C) and attention.shape == (B, C, N)
+        aux = {"instance_logits": instance_logits, "critical_index": critical}
+        return MILOutput(logits=logits, attention=attention, aux=aux)

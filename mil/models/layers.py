@@ -1,0 +1,125 @@
+"""Building blocks shared by the aggregators: tile embedding, attention pooling, masked pools.
+
+Shapes: B = bags, N = tiles (padded), D = input features, E = embedding width,
+K = attention branches, C = outputs.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+
+import torch
+from torch import nn
+
+from mil.models.base import masked_softmax
+
+
+class InstanceEmbedding(nn.Module):
+    """Per-tile MLP: ``Linear -> ReLU -> Dropout`` for each width in ``embed_dims``.
+
+    ``embed_dims=None`` means one layer of ``hidden_dim``; ``embed_dims=[]`` is the identity
+    (use the encoder features as they are). The MI-Net embedding for low-dimensional
+    benchmarks (Musk, Fox, ...) is ``embed_dims=[256, 128, 64]``.
+    """
+
+    def __init__(
+        self,
+        in_dim: int,
+        embed_dims: Sequence[int] | None = None,
+        hidden_dim: int = 256,
+        dropout: float = 0.0,
+    ) -> None:
+        super().__init__()
+        dims = [hidden_dim] if embed_dims is None else [int(d) for d in embed_dims]
+        if any(d <= 0 for d in dims):
+            raise ValueError(f"embed_dims must be positive widths, got {dims}")
+        layers: list[nn.Module] = []
+        prev = in_dim
+        for width in dims:
+            layers += [nn.Linear(prev, width), nn.ReLU(), nn.Dropout(dropout)]
+            prev = width
+        self.net = nn.Sequential(*layers)
+        self.in_dim = in_dim
+        self.out_dim = prev
+
+    def forward(self, features: torch.Tensor) -> torch.Tensor:
+        assert features.shape[-1] == self.in_dim, f"expected {self.in_dim} features, got {features.shape[-1]}"
+        return self.net(features)  # [..., D] -> [..., E]
+
+
+class AttentionPool(nn.Module):
+    """Attention pooling of Ilse et al. (2018), plain or gated, with ``K`` branches.
+
+    plain: ``a_k = w_k^T tanh(V h)``; gated: ``a_k = w_k^T (tanh(V h) * sigmoid(U h))``;
+    weights are a masked softmax over tiles. Returns pooled ``[B, K, E]`` and weights
+    ``[B, K, N]`` (exactly zero on padding).
+    """
+
+    def __init__(
+        self,
+        in_dim: int,
+        attn_dim: int = 128,
+        n_branches: int = 1,
+        gated: bool = False,
+        dropout: float = 0.0,
+    ) -> None:
+        super().__init__()
+        self.tanh_branch = nn.Sequential(nn.Linear(in_dim, attn_dim), nn.Tanh(), nn.Dropout(dropout))
+        self.gate = (
+            nn.Sequential(nn.Linear(in_dim, attn_dim), nn.Sigmoid(), nn.Dropout(dropout)) if gated else None
+        )
+        # No bias: a constant shift of the scores cancels in the softmax, so it could never learn.
+        self.score = nn.Linear(attn_dim, n_branches, bias=False)
+        self.n_branches = n_branches
+
+    def scores(self, h: torch.Tensor) -> torch.Tensor:
+        """Unnormalised attention scores: [B, N, E] -> [B, K, N]."""
+        a = self.tanh_branch(h)  # [B, N, A]
+        if self.gate is not None:
+            a = a * self.gate(h)  # [B, N, A]
+        return self.score(a).transpose(1, 2)  # [B, K, N]
+
+    def forward(self, h: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        B, N, _ = h.shape
+        assert mask.shape == (B, N), f"mask {tuple(mask.shape)} != {(B, N)}"
+        weights = masked_softmax(self.scores(h), mask[:, None, :])  # [B, K, N]
+        pooled = torch.bmm(weights.to(h.dtype), h)  # [B, K, E]
+        assert pooled.shape == (B, self.n_branches, h.shape[-1])
+        return pooled, weights
+
+
+class GroupedLinear(nn.Module):
+    """``G`` independent linear maps applied to the same or to per-group inputs.
+
+    Used for CLAM's per-class bag classifiers and per-class instance classifiers.
+    Initialised like ``nn.Linear`` (uniform in ``±1/sqrt(in_dim)``).
+    """
+
+    def __init__(self, n_groups: int, in_dim: int, out_dim: int) -> None:
+        super().__init__()
+        bound = 1.0 / math.sqrt(in_dim)
+        self.weight = nn.Parameter(torch.empty(n_groups, out_dim, in_dim).uniform_(-bound, bound))
+        self.bias = nn.Parameter(torch.empty(n_groups, out_dim).uniform_(-bound, bound))
+
+    def forward_shared(self, x: torch.Tensor) -> torch.Tensor:
+        """Every group on every tile: [B, N, E] -> [B, G, N, O]."""
+        out = torch.einsum("bne,goe->bgno", x, self.weight.to(x.dtype))
+        return out + self.bias.to(out.dtype)[None, :, None, :]
+
+    def forward_grouped(self, x: torch.Tensor) -> torch.Tensor:
+        """Group g on input g: [B, G, E] -> [B, G, O]."""
+        out = torch.einsum("bge,goe->bgo", x, self.weight.to(x.dtype))
+        return out + self.bias.to(out.dtype)[None]
+
+
+def masked_mean(h: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Mean over valid tiles: [B, N, E], [B, N] -> [B, E]."""
+    m = mask[..., None].to(h.dtype)  # [B, N, 1]
+    count = m.sum(dim=1).clamp(min=1.0)  # [B, 1]
+    return (h * m).sum(dim=1) / count
+
+
+def masked_max(h: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Element-wise max over valid tiles: [B, N, E], [B, N] -> [B, E]."""
+    return h.masked_fill(~mask[..., None], torch.finfo(h.dtype).min).amax(dim=1)

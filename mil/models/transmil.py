@@ -1,0 +1,136 @@
+"""TransMIL (Shao et al., NeurIPS 2021): transformer MIL with a pyramid position encoding.
+
+tiles -> fc -> tokens padded to a square grid (repeating the first tokens, as in the paper)
+-> [CLS] + tokens -> transformer layer -> PPEG (depthwise 7/5/3 convs on the grid)
+-> transformer layer -> LayerNorm -> [CLS] -> linear head.
+
+Deviations from the reference implementation, on purpose:
+
+- Exact softmax attention through ``torch.nn.functional.scaled_dot_product_attention``
+  (flash / memory-efficient kernels, O(L) memory) instead of the Nystrom approximation, so
+  outputs do not depend on landmark choice or on how many tokens pad the sequence, and the
+  [CLS] attention map is the one the model actually used. Nystrom's extra depthwise-conv
+  residual on the values is therefore dropped too.
+- Each bag is processed on its own valid tokens (a loop over the batch), so padding in a
+  batch never changes a bag's output: the square-grid padding must be built from the bag's
+  own tiles.
+
+Attention map: the [CLS] query's attention in the last layer, averaged over heads; a tile
+repeated for the grid padding gets the sum over its copies; renormalised over tiles
+(excluding the [CLS] token itself) so it sums to 1; zero on padding. [B, N].
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from mil.models.base import MODELS, MILOutput, check_inputs
+from mil.models.layers import InstanceEmbedding
+
+
+class TransLayer(nn.Module):
+    """Pre-norm multi-head self-attention block with a residual: ``x + attn(norm(x))``."""
+
+    def __init__(self, dim: int, n_heads: int, dropout: float) -> None:
+        super().__init__()
+        self.norm = nn.LayerNorm(dim)
+        self.qkv = nn.Linear(dim, 3 * dim, bias=False)
+        self.out = nn.Sequential(nn.Linear(dim, dim), nn.Dropout(dropout))
+        self.n_heads = n_heads
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """[1, L, E] -> ([1, L, E], [CLS] attention over all L tokens averaged over heads [L])."""
+        _, L, E = x.shape
+        H = self.n_heads
+        qkv = self.qkv(self.norm(x)).view(1, L, 3, H, E // H).permute(2, 0, 3, 1, 4)
+        q, k, v = qkv.unbind(0)  # each [1, H, L, d]
+        y = F.scaled_dot_product_attention(q, k, v)  # [1, H, L, d]
+        y = y.transpose(1, 2).reshape(1, L, E)
+        # Only the [CLS] row of the attention matrix is materialised: O(L) memory.
+        cls_scores = (q[:, :, :1] @ k.transpose(-2, -1)) / math.sqrt(E // H)  # [1, H, 1, L]
+        cls_attn = cls_scores.float().softmax(dim=-1).mean(dim=1)[0, 0]  # [L]
+        return x + self.out(y), cls_attn
+
+
+class PPEG(nn.Module):
+    """Pyramid position encoding generator: tokens + depthwise conv 7x7 + 5x5 + 3x3 on the grid."""
+
+    def __init__(self, dim: int) -> None:
+        super().__init__()
+        self.convs = nn.ModuleList(nn.Conv2d(dim, dim, k, padding=k // 2, groups=dim) for k in (7, 5, 3))
+
+    def forward(self, x: torch.Tensor, side: int) -> torch.Tensor:
+        """[1, 1 + side*side, E] -> same shape; the [CLS] token passes through unchanged."""
+        _, L, E = x.shape
+        assert L == 1 + side * side, f"{L} tokens do not fill a {side}x{side} grid plus [CLS]"
+        cls_token, grid = x[:, :1], x[:, 1:]
+        grid = grid.transpose(1, 2).reshape(1, E, side, side)  # [1, E, S, S]
+        grid = grid + sum(conv(grid) for conv in self.convs)
+        return torch.cat([cls_token, grid.flatten(2).transpose(1, 2)], dim=1)
+
+
+@MODELS.register("transmil")
+class TransMIL(nn.Module):
+    """TransMIL with exact attention; see the module docstring for the choices made.
+
+    Options: ``hidden_dim`` (token width when ``embed_dims`` is None, 512), ``n_heads`` (8;
+    must divide the width), ``dropout`` (after each attention output projection, 0.1),
+    ``embed_dims`` (explicit fc widths; the last is the token width).
+    """
+
+    def __init__(
+        self,
+        in_dim: int,
+        n_outputs: int,
+        *,
+        hidden_dim: int = 512,
+        n_heads: int = 8,
+        dropout: float = 0.1,
+        embed_dims: Sequence[int] | None = None,
+    ) -> None:
+        super().__init__()
+        self.embed = InstanceEmbedding(in_dim, embed_dims, hidden_dim, dropout=0.0)
+        dim = self.embed.out_dim
+        if dim % n_heads:
+            raise ValueError(f"token width {dim} must be divisible by n_heads={n_heads}")
+        self.cls_token = nn.Parameter(torch.randn(1, 1, dim))
+        self.layer1 = TransLayer(dim, n_heads, dropout)
+        self.ppeg = PPEG(dim)
+        self.layer2 = TransLayer(dim, n_heads, dropout)
+        self.norm = nn.LayerNorm(dim)
+        self.head = nn.Linear(dim, n_outputs)
+        self.n_outputs = n_outputs
+
+    def forward_bag(self, tokens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """One bag's valid tokens [n, E] -> (logits [C], attention over its tiles [n])."""
+        n, _ = tokens.shape
+        side = math.ceil(math.sqrt(n))
+        extra = side * side - n  # < n for n >= 2, 0 for n == 1
+        grid = torch.cat([tokens, tokens[:extra]], dim=0)  # [S*S, E]
+        x = torch.cat([self.cls_token.to(grid.dtype), grid[None]], dim=1)  # [1, 1 + S*S, E]
+        x, _ = self.layer1(x)
+        x = self.ppeg(x, side)
+        x, cls_attn = self.layer2(x)  # [1, 1 + S*S, E], [1 + S*S]
+        logits = self.head(self.norm(x[0, 0]))  # [C]
+        tile_attn = cls_attn[1:]  # [S*S], drop [CLS] -> itself
+        tile_attn = tile_attn[:n].index_add(0, torch.arange(extra, device=x.device), tile_attn[n:])  # [n]
+        return logits, tile_attn / tile_attn.sum()
+
+    def forward(self, features: torch.Tensor, mask: torch.Tensor | None = None) -> MILOutput:
+        mask = check_inputs(features, mask)  # [B, N]
+        B, N, _ = features.shape
+        h = self.embed(features)  # [B, N, E]
+        logits, attention = [], h.new_zeros(B, N, dtype=torch.float32)
+        for b in range(B):
+            valid = mask[b].nonzero(as_tuple=True)[0]  # [n]
+            bag_logits, bag_attn = self.forward_bag(h[b, valid])
+            logits.append(bag_logits)
+            attention[b, valid] = bag_attn
+        out = torch.stack(logits)  # [B, C]
+        assert out.shape == (B, self.n_outputs)
+        return MILOutput(logits=out, attention=attention)
