@@ -47,6 +47,13 @@ def cmd_extract(args: argparse.Namespace) -> None:
     print(f"extraction finished: summary in {summary}")
 
 
+def cmd_predict(args: argparse.Namespace) -> None:
+    from mil.predict import run_predict
+
+    out = run_predict(args.run_dir, args.config)
+    print(f"predictions written: {out}/predictions.csv")
+
+
 def cmd_report(args: argparse.Namespace) -> None:
     from mil.report import report_predictions
 
@@ -96,6 +103,11 @@ def build_parser() -> argparse.ArgumentParser:
             "Finished bags are skipped, so a rerun resumes.")
     p.add_argument("config", nargs="+", help=CONFIG_HELP)
     p.add_argument("--shard", default="0/1", help="process shard i of n of the slides (e.g. 0/4); safe to run shards in parallel")
+    p = add("predict", cmd_predict, "apply a trained run to a new cohort",
+            "Predict with a `mil train` model or a `mil crossval` fold ensemble (mean of probabilities). The new cohort is "
+            "given with cohort.* keys; with labels, metrics.json and ROC/PR plots are written too.")
+    p.add_argument("run_dir", help="a finished `mil crossval` or `mil train` output folder")
+    p.add_argument("config", nargs="+", help="YAML file(s) and key=value overrides for the new cohort, plus output_dir=...")
     p = add("report", cmd_report, "metrics and plots for a predictions.csv",
             "Re-compute metrics with bootstrap intervals and redraw ROC, PR and calibration plots for any predictions.csv "
             "(from crossval or predict), or for a run folder.")

@@ -113,10 +113,14 @@ def load_cohort(cfg: DictConfig, require_labels: bool = True) -> Cohort:
             skipped.append(("slide", sid, "patient not in the clinical table"))
         slides = slides[slides[pcol].isin(clinical[pcol])]
     if target and label_source is None:
-        if target not in slides.columns:
+        if target in slides.columns:
+            label_source = cfg.slide_csv
+        elif require_labels:
             where = f"{cfg.clinical_csv} or {cfg.slide_csv}" if cfg.clinical_csv else str(cfg.slide_csv)
             raise CohortError(f"label column cohort.target={target!r} not found in {where}")
-        label_source = cfg.slide_csv
+        else:
+            logger.info("no %r column: predicting without labels", target)
+            target = None
     if require_labels and not target:
         raise CohortError("cohort.target is not set: name the label column")
 
@@ -144,7 +148,7 @@ def load_cohort(cfg: DictConfig, require_labels: bool = True) -> Cohort:
         if not path.is_file():
             skipped.append(("slide", sid, f"no bag {path.name} in {features_dir}"))
             continue
-        if target and pd.isna(row[target]):
+        if target and pd.isna(row[target]) and require_labels:
             skipped.append(("slide", sid, f"missing {target} label"))
             continue
         infos[sid] = read_bag_info(path)
@@ -155,7 +159,7 @@ def load_cohort(cfg: DictConfig, require_labels: bool = True) -> Cohort:
     _check_consistent(list(infos.values()))
 
     if target and classes is None:
-        classes = sorted(slides[target].unique().tolist())
+        classes = sorted(slides[target].dropna().unique().tolist())
     bags = _group(slides, infos, pcol, scol, target, cfg.bag_level, label_source)
     first = next(iter(infos.values()))
     skipped_df = pd.DataFrame(skipped, columns=["kind", "id", "reason"])
@@ -196,11 +200,11 @@ def _group(
     if bag_level == "slide":
         for _, row in slides.iterrows():
             info = infos[row[scol]]
-            label = row[target] if target else None
+            label = row[target] if target and not pd.isna(row[target]) else None
             bags.append(Bag(row[scol], row[pcol], [row[scol]], [info.path], label, info.n_tiles))
         return bags
     for pid, group in slides.groupby(pcol, sort=True):
-        labels = group[target].unique() if target else [None]
+        labels = group[target].dropna().unique() if target else []
         if len(labels) > 1:
             raise CohortError(
                 f"{label_source}: patient {pid!r} has slides with different {target} labels {sorted(labels)}; "
@@ -208,5 +212,6 @@ def _group(
             )
         sids = group[scol].tolist()
         paths = [infos[s].path for s in sids]
-        bags.append(Bag(str(pid), str(pid), sids, paths, labels[0], sum(infos[s].n_tiles for s in sids)))
+        label = labels[0] if len(labels) else None
+        bags.append(Bag(str(pid), str(pid), sids, paths, label, sum(infos[s].n_tiles for s in sids)))
     return bags

@@ -117,7 +117,7 @@ def report_predictions(
     missing = [c for c in classes if f"prob_{c}" not in df]
     if missing:
         raise ValueError(f"{csv} has no probability column for class(es) {missing}")
-    ids = [c for c in df.columns if c not in (target, "fold", "repeat") and not c.startswith("prob_")]
+    ids = [c for c in df.columns if c not in (target, "fold", "repeat") and "prob_" not in c]
     out = Path(out_dir) if out_dir else csv.parent
     write_report(df, target, classes, out, ids)
     return out

@@ -1,0 +1,120 @@
+"""`mil predict`: apply a trained run (one model or a cross-validation ensemble) to a new cohort.
+
+The run folder carries everything prediction needs: the resolved training config, the class
+order, the feature dimension and the encoder identity of the bags it was trained on. The new
+cohort is described by ``cohort.*`` overrides (or a YAML); everything else comes from the run.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+from omegaconf import DictConfig, OmegaConf
+
+from mil.cohort import Cohort, load_cohort
+from mil.config import ConfigError, load_config
+from mil.crossval import id_columns, is_main_process, load_run_model, predictions_frame
+from mil.inference import predict_bags, resolve_device
+from mil.io import atomic_path, write_text
+from mil.report import write_report
+
+logger = logging.getLogger(__name__)
+
+
+class RunMismatchError(ValueError):
+    """The new cohort's bags do not fit the trained run; the message says what differs."""
+
+
+@dataclass
+class Run:
+    """A finished `mil crossval` or `mil train` folder."""
+
+    path: Path
+    config: DictConfig
+    meta: DictConfig
+    weights: dict[str, Path]  # model name ("fold_0", ... or "model") -> safetensors file
+
+    @property
+    def classes(self) -> list[str]:
+        return [str(c) for c in self.meta.classes]
+
+
+def load_run(run_dir: str | Path) -> Run:
+    run_dir = Path(run_dir)
+    for name in ("config.yaml", "run.yaml"):
+        if not (run_dir / name).is_file():
+            raise FileNotFoundError(f"{run_dir} is not a finished run folder: {name} is missing")
+    config = load_config(base=OmegaConf.load(run_dir / "config.yaml"))
+    meta = OmegaConf.load(run_dir / "run.yaml")
+    if meta.kind == "train":
+        weights = {"model": run_dir / "model.safetensors"}
+    else:
+        folds = OmegaConf.load(run_dir / "splits.yaml")
+        weights = {str(f.name): run_dir / str(f.name) / "model.safetensors" for f in folds}
+    missing = [str(p) for p in weights.values() if not p.is_file()]
+    if missing:
+        raise FileNotFoundError(f"{run_dir}: model weights missing ({', '.join(missing[:3])}); is the run finished?")
+    return Run(run_dir, config, meta, weights)
+
+
+def check_compatible(run: Run, cohort: Cohort) -> None:
+    """Refuse bags of another feature dimension or encoder than the run was trained on."""
+    if cohort.dim != run.meta.in_dim:
+        raise RunMismatchError(
+            f"feature dimension differs: the run {run.path} was trained on {run.meta.in_dim}-d features, "
+            f"the bags in {cohort.bags[0].paths[0].parent} are {cohort.dim}-d"
+        )
+    trained = {k: str(v) for k, v in run.meta.encoder.items()}
+    diff = {k: (trained.get(k), v) for k, v in cohort.identity.items() if trained.get(k) != v}
+    if diff:
+        details = ", ".join(f"{k}: run {a!r} vs cohort {b!r}" for k, (a, b) in diff.items())
+        raise RunMismatchError(f"bags were made by a different encoder or recipe than the run {run.path} ({details})")
+
+
+def prediction_config(run: Run, overrides: list[str]) -> DictConfig:
+    """The run's config with the new cohort and output folder merged in; class order pinned."""
+    cfg = load_config(overrides, base=run.config)
+    cfg.cohort.classes = run.classes
+    if cfg.output_dir == run.config.output_dir:
+        raise ConfigError("set output_dir=... for the predictions (it would overwrite the training run)")
+    return cfg
+
+
+def run_predict(run_dir: str | Path, overrides: list[str]) -> Path:
+    """Predict every bag of the configured cohort; write predictions (and metrics when labelled)."""
+    run = load_run(run_dir)
+    cfg = prediction_config(run, overrides)
+    out = Path(cfg.output_dir)
+    cohort = load_cohort(cfg.cohort, require_labels=False)
+    check_compatible(run, cohort)
+    device = resolve_device(cfg.trainer.accelerator)
+    probs = []
+    columns: dict[str, np.ndarray] = {}
+    for name, path in run.weights.items():
+        p = predict_bags(load_run_model(run.path, path), cohort.bags, cfg.train.eval_batch_size, device, cfg.train.precision)
+        probs.append(p)
+        if len(run.weights) > 1:
+            for i, c in enumerate(run.classes):
+                columns[f"{name}.prob_{c}"] = p[:, i]
+        logger.info("%s: predicted %d bags", name, len(cohort.bags))
+    df = predictions_frame(cfg, run.classes, cohort.bags, np.mean(probs, axis=0))
+    df = pd.concat([df, pd.DataFrame(columns, index=df.index)], axis=1)
+    if not is_main_process():
+        return out
+    out.mkdir(parents=True, exist_ok=True)
+    with atomic_path(out / "predictions.csv") as tmp:
+        df.to_csv(tmp, index=False)
+    meta = {"kind": "predict", "run": str(run.path), "target": cfg.cohort.target, "classes": run.classes, "models": list(run.weights)}
+    write_text(out / "run.yaml", OmegaConf.to_yaml(OmegaConf.create(meta)))
+    labelled = df[cfg.cohort.target].notna().sum() if cfg.cohort.target in df else 0
+    if labelled:
+        result = write_report(df, cfg.cohort.target, run.classes, out, id_columns(cfg), n_boot=cfg.cv.bootstrap, seed=cfg.cv.seed)
+        a = result["pooled"]["auroc"]
+        logger.info("external AUROC %.3f [%.3f, %.3f] on %d labelled bags", a["value"], a["ci_low"], a["ci_high"], labelled)
+    else:
+        logger.info("no labels in the cohort: wrote predictions only")
+    return out
