@@ -1,0 +1,252 @@
+"""``mil extract``: whole-slide images -> one HDF5 bag of tile embeddings per slide.
+
+Per slide: resolve its mpp, detect tissue on a thumbnail, lay an exact-mpp tile grid, keep
+tiles with enough tissue and write a QC PNG (:mod:`encoders.prepare`, run one slide ahead in
+a background thread), then encode the tiles (DataLoader workers read and preprocess while the
+encoder runs) and write the bag atomically. A slide whose complete bag exists is skipped, so a
+killed run resumes where it stopped; a failing slide is logged and listed, and the run goes
+on. Each shard writes its own summary CSV, so ``n`` processes can share one output folder.
+"""
+
+from __future__ import annotations
+
+import csv
+import glob
+import io
+import logging
+import os
+import sys
+import time
+from collections.abc import Callable, Iterator, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
+from contextlib import contextmanager
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from omegaconf import DictConfig
+from torch.utils.data import DataLoader
+from tqdm.auto import tqdm
+
+from encoders.dataset import SlideTiles
+from encoders.models import ENCODERS, TimmEncoder, create_encoder
+from encoders.prepare import ExtractOptions, PreparedSlide, prepare_slide
+from encoders.slides import SlideRef
+from encoders.sources import check_shard, list_slides, shard_slides
+from mil.bags import BagError, read_bag_info, write_bag
+from mil.config import require
+from mil.io import write_text
+
+logger = logging.getLogger(__name__)
+
+REQUIRED_KEYS = ["features_dir", "encoder.name", "tiling.mpp", "tiling.tile_px", "tiling.min_tissue"]
+DONE, SKIPPED, FAILED = "done", "skipped", "failed"
+BAG_SUFFIX = ".h5"
+# Bag attributes that must match for an existing bag to count as this run's output.
+MATCH_ATTRS = ("encoder", "encoder_weights", "embedding", "mpp", "tile_px")
+
+
+@dataclass
+class SlideResult:
+    slide_id: str
+    status: str  # done, skipped or failed
+    n_tiles: int
+    reason: str
+    path: str
+    seconds: float
+
+
+def bag_path(features_dir: Path, slide_id: str) -> Path:
+    return features_dir / f"{slide_id}{BAG_SUFFIX}"
+
+
+def summary_path(features_dir: Path, shard: tuple[int, int]) -> Path:
+    i, n = shard
+    name = "extract_summary.csv" if n == 1 else f"extract_summary.shard{i}of{n}.csv"
+    return features_dir / name
+
+
+def write_summary(path: Path, results: Sequence[SlideResult]) -> None:
+    buf = io.StringIO()
+    writer = csv.DictWriter(buf, fieldnames=list(SlideResult.__dataclass_fields__))
+    writer.writeheader()
+    for r in results:
+        writer.writerow({**asdict(r), "seconds": round(r.seconds, 2)})
+    write_text(path, buf.getvalue())
+
+
+def short_reason(error: BaseException) -> str:
+    """One line: DataLoader re-raises worker errors with the whole traceback in the message."""
+    lines = [line.strip() for line in str(error).splitlines() if line.strip()]
+    text = lines[-1] if lines else ""
+    return text if text.startswith(type(error).__name__) else f"{type(error).__name__}: {text}"
+
+
+def resolve_shard(shard: tuple[int, int]) -> tuple[int, int]:
+    """Under torchrun (RANK/WORLD_SIZE set) the default shard becomes (RANK, WORLD_SIZE)."""
+    world = int(os.environ.get("WORLD_SIZE", 1))
+    if tuple(shard) == (0, 1) and world > 1:
+        shard = (int(os.environ.get("RANK", 0)), world)
+    check_shard(tuple(shard))
+    return int(shard[0]), int(shard[1])
+
+
+@contextmanager
+def cores_for_workers(device: torch.device, workers: int) -> Iterator[None]:
+    """On the CPU, leave one core per loader worker: oversubscribed BLAS threads stall badly."""
+    before = torch.get_num_threads()
+    if device.type == "cpu" and workers > 0:
+        cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+        torch.set_num_threads(max(1, min(before, cores - workers)))
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
+def encode_tiles(tiles: SlideTiles, encoder: TimmEncoder, batch_size: int, workers: int, desc: str,
+                 loader_started: Callable[[], None] = lambda: None) -> np.ndarray:
+    """Embeddings ``[N, embed_dim]`` of a slide's tiles; ``loader_started`` runs once the workers exist."""
+    loader = DataLoader(
+        tiles,
+        batch_size=batch_size,
+        collate_fn=encoder.transform.collate,
+        num_workers=workers,
+        pin_memory=encoder.device.type == "cuda",
+        prefetch_factor=4 if workers > 0 else None,
+        # fork: workers start in milliseconds per slide; spawn/forkserver (the default from
+        # Python 3.14) would import torch again in every worker of every slide
+        multiprocessing_context="fork" if workers > 0 and sys.platform.startswith("linux") else None,
+    )
+    features = np.empty((len(tiles), encoder.embed_dim), np.float32)
+    done = 0
+    batches = iter(loader)  # forks the workers now, before any other thread of ours starts work
+    loader_started()
+    with tqdm(total=len(tiles), desc=desc, unit="tile", leave=False, disable=None) as bar:
+        for batch in batches:
+            features[done : done + len(batch)] = encoder.encode_uint8(batch).cpu().numpy()
+            done += len(batch)
+            bar.update(len(batch))
+    return features
+
+
+def _existing_bag(path: Path, expected: dict) -> SlideResult | str | None:
+    """None: (re)extract. A string: why the existing bag conflicts. Else the skip result."""
+    try:
+        info = read_bag_info(path)
+    except BagError as e:
+        logger.warning("%s; extracting again", e)
+        return None
+    diff = [f"{k}={info.attrs.get(k)!r} (this run: {expected[k]!r})" for k in MATCH_ATTRS
+            if str(info.attrs.get(k)) != str(expected[k])]
+    if diff:
+        return (f"existing bag {path} was made differently: {', '.join(diff)}; "
+                f"use another features_dir or delete it")
+    return SlideResult("", SKIPPED, info.n_tiles, "complete bag exists", "", 0.0)
+
+
+def _remove_stale_temporaries(path: Path) -> None:
+    # A killed writer leaves `.<name>.tmp<pid>`; this shard owns the slide, so none is live.
+    for tmp in glob.glob(glob.escape(str(path.parent / f".{path.name}.tmp")) + "*"):
+        Path(tmp).unlink(missing_ok=True)
+
+
+def prepare_or_skip(ref: SlideRef, opt: ExtractOptions, out: Path, expected: dict) -> SlideResult | PreparedSlide:
+    """Skip a slide with a complete bag, or prepare it; never raises (failures become results)."""
+    start = time.perf_counter()
+
+    def result(status: str, n: int = 0, reason: str = "") -> SlideResult:
+        return SlideResult(ref.slide_id, status, n, reason, str(ref.path), time.perf_counter() - start)
+
+    path = bag_path(out, ref.slide_id)
+    if path.exists():
+        existing = _existing_bag(path, expected)
+        if isinstance(existing, str):
+            logger.error("slide %s: %s", ref.slide_id, existing)
+            return result(FAILED, reason=existing)
+        if existing is not None:
+            return result(SKIPPED, existing.n_tiles, existing.reason)
+    _remove_stale_temporaries(path)
+    try:
+        return prepare_slide(ref, opt, out / "qc")
+    except Exception as e:  # one bad slide must not stop the run
+        return _failed(ref, e, time.perf_counter() - start)
+
+
+def encode_slide(prep: PreparedSlide, encoder: TimmEncoder, opt: ExtractOptions, out: Path,
+                 loader_started: Callable[[], None]) -> SlideResult:
+    """Encode a prepared slide and write its bag; never raises (failures become results)."""
+    start = time.perf_counter()
+    ref = prep.ref
+    tiles = SlideTiles(ref.path, prep.coords, prep.plan, encoder.transform)
+    try:
+        features = encode_tiles(tiles, encoder, opt.batch_size, opt.workers, ref.slide_id, loader_started)
+        attrs = {**encoder.bag_attrs(), **prep.bag_attrs(opt.min_tissue)}
+        write_bag(bag_path(out, ref.slide_id), features, prep.coords, attrs)
+    except Exception as e:  # one bad slide must not stop the run
+        return _failed(ref, e, prep.seconds + time.perf_counter() - start)
+    finally:
+        tiles.close()
+    seconds = prep.seconds + time.perf_counter() - start
+    logger.info("slide %s: %d tiles in %.1f s", ref.slide_id, len(prep.coords), seconds)
+    return SlideResult(ref.slide_id, DONE, len(prep.coords), "", str(ref.path), seconds)
+
+
+def _failed(ref: SlideRef, error: Exception, seconds: float) -> SlideResult:
+    reason = short_reason(error)
+    logger.error("slide %s failed: %s", ref.slide_id, reason)
+    logger.debug("slide %s traceback", ref.slide_id, exc_info=True)
+    return SlideResult(ref.slide_id, FAILED, 0, reason, str(ref.path), seconds)
+
+
+def extract_slides(refs: Sequence[SlideRef], encoder: TimmEncoder, opt: ExtractOptions,
+                   out: Path) -> Iterator[SlideResult]:
+    """Results slide by slide, preparing the next slide in a thread while this one is encoded.
+
+    The next preparation starts only after this slide's loader workers are forked, so no
+    thread of ours is inside OpenSlide or another C library while ``fork`` copies its locks.
+    """
+    expected = {**encoder.bag_attrs(), "mpp": opt.target_mpp, "tile_px": opt.tile_px}
+    with ThreadPoolExecutor(1, thread_name_prefix="slide-prep") as pool:
+        upcoming: list[Future | None] = []
+
+        def start(i: int) -> None:
+            if i < len(refs) and len(upcoming) <= i:
+                upcoming.append(pool.submit(prepare_or_skip, refs[i], opt, out, expected))
+
+        start(0)
+        for i in range(len(refs)):
+            item = upcoming[i].result()  # type: ignore[union-attr]
+            upcoming[i] = None  # let the prepared slide be freed
+            if isinstance(item, PreparedSlide):
+                yield encode_slide(item, encoder, opt, out, loader_started=lambda i=i: start(i + 1))
+            else:
+                yield item
+            start(i + 1)  # no-op when the loader already started it
+
+
+def run_extract(cfg: DictConfig, shard: tuple[int, int] = (0, 1)) -> Path:
+    """Extract every slide of this shard; returns the shard's summary CSV path."""
+    require(cfg, REQUIRED_KEYS, "extract")
+    shard = resolve_shard(shard)
+    refs = shard_slides(list_slides(cfg.slides), shard)
+    opt = ExtractOptions.from_config(cfg)
+    out = Path(cfg.features_dir)
+    summary = summary_path(out, shard)
+    spec = ENCODERS.get(cfg.encoder.name)
+    weights = cfg.encoder.weights if cfg.encoder.weights is not None else spec.default_weights
+    encoder = create_encoder(spec.name, weights, embedding=cfg.encoder.embedding,
+                             device=cfg.encoder.device, precision=cfg.encoder.precision)
+    logger.info("shard %d/%d: %d slides -> %s with %r", shard[0], shard[1], len(refs), out, encoder)
+    results: list[SlideResult] = []
+    write_summary(summary, results)
+    bar = tqdm(total=len(refs), desc=f"slides (shard {shard[0]}/{shard[1]})", unit="slide", disable=None)
+    with bar, cores_for_workers(encoder.device, opt.workers):
+        for result in extract_slides(refs, encoder, opt, out):
+            results.append(result)
+            write_summary(summary, results)  # kept current, so a killed run still has one
+            bar.update()
+    counts = {s: sum(r.status == s for r in results) for s in (DONE, SKIPPED, FAILED)}
+    logger.info("extract finished: %s; summary %s", ", ".join(f"{v} {k}" for k, v in counts.items()), summary)
+    return summary

@@ -1,0 +1,109 @@
+"""Per-slide preparation before encoding: resolution, tissue, tile grid and the QC thumbnail."""
+
+from __future__ import annotations
+
+import logging
+import time
+from contextlib import closing
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from omegaconf import DictConfig
+
+from encoders.qc import render_qc, save_qc
+from encoders.slides import SlideError, SlideRef, open_slide, read_thumbnail, resolve_mpp
+from encoders.tiling import LEVEL_TOLERANCE, TilePlan, grid_coords, plan_tiles, tissue_fraction
+from encoders.tissue import detect_tissue
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class ExtractOptions:
+    target_mpp: float
+    tile_px: int
+    min_tissue: float
+    thumbnail_px: int
+    batch_size: int
+    workers: int
+    mpp_fallback: float | None
+
+    @classmethod
+    def from_config(cls, cfg: DictConfig) -> ExtractOptions:
+        return cls(
+            target_mpp=float(cfg.tiling.mpp),
+            tile_px=int(cfg.tiling.tile_px),
+            min_tissue=float(cfg.tiling.min_tissue),
+            thumbnail_px=int(cfg.tiling.thumbnail_px),
+            batch_size=int(cfg.encoder.batch_size),
+            workers=int(cfg.loader.workers),
+            mpp_fallback=None if cfg.slides.mpp is None else float(cfg.slides.mpp),
+        )
+
+
+@dataclass(frozen=True)
+class PreparedSlide:
+    """A slide ready to encode: where its tiles are and how to read them."""
+
+    ref: SlideRef
+    plan: TilePlan
+    coords: np.ndarray  # [N, 2] level-0 (x, y) of the kept tiles
+    width: int
+    height: int
+    mpp_source: str
+    tissue_threshold: int
+    seconds: float  # time spent preparing
+
+    def bag_attrs(self, min_tissue: float) -> dict[str, Any]:
+        """The slide-geometry attributes of its bag."""
+        return {
+            "tile_px": self.plan.tile_px,
+            "mpp": self.plan.target_mpp,
+            "tile_size_level0": self.plan.tile_size_level0,
+            "slide_mpp": self.plan.slide_mpp,
+            "slide_mpp_source": self.mpp_source,
+            "slide_width": self.width,
+            "slide_height": self.height,
+            "slide_id": self.ref.slide_id,
+            "slide_file": self.ref.path.name,
+            "read_level": self.plan.level,
+            "min_tissue": min_tissue,
+            "tissue_threshold": self.tissue_threshold,
+        }
+
+
+def prepare_slide(ref: SlideRef, opt: ExtractOptions, qc_dir: Path) -> PreparedSlide:
+    """Resolve mpp, detect tissue, keep the grid tiles with enough of it and write the QC PNG.
+
+    Raises :class:`SlideError` (naming the file) for unusable slides and slides without tissue.
+    """
+    start = time.perf_counter()
+    with closing(open_slide(ref.path)) as slide:
+        mpp, mpp_source = resolve_mpp(slide, ref, opt.mpp_fallback)
+        width, height = slide.dimensions
+        plan = plan_tiles(mpp, opt.target_mpp, opt.tile_px, slide.level_downsamples)
+        thumb = read_thumbnail(slide, ref.path, opt.thumbnail_px)
+    if plan.level == 0 and mpp > opt.target_mpp * (1 + LEVEL_TOLERANCE):
+        logger.warning("%s: slide mpp %.3f is coarser than the target %.3f: tiles are upsampled",
+                       ref.slide_id, mpp, opt.target_mpp)
+    tissue = detect_tissue(np.asarray(thumb), um_per_px=mpp * width / thumb.width)
+    grid = grid_coords(width, height, plan.tile_size_level0)
+    fraction = tissue_fraction(grid, plan.tile_size_level0, tissue.mask, (width, height))
+    coords = grid[(fraction >= opt.min_tissue) & (fraction > 0)]
+    caption = [
+        f"{ref.slide_id}: {len(coords)} of {len(grid)} tiles with tissue >= {opt.min_tissue:g}",
+        f"{opt.tile_px} px at {opt.target_mpp:g} mpp = {plan.tile_size_level0:.1f} level-0 px; "
+        f"read from level {plan.level}; slide {mpp:.4g} mpp ({mpp_source}), {width}x{height}",
+    ]
+    save_qc(qc_dir / f"{ref.slide_id}.png",
+            render_qc(thumb, tissue.mask, coords, plan.tile_size_level0, (width, height), caption))
+    if len(grid) == 0:
+        raise SlideError(f"{ref.path}: slide of {width}x{height} px is smaller than one tile "
+                         f"({plan.tile_size_level0:.0f} level-0 px at {opt.target_mpp:g} mpp)")
+    if len(coords) == 0:
+        raise SlideError(f"{ref.path}: no tissue: none of {len(grid)} tiles has a tissue fraction "
+                         f">= {opt.min_tissue:g} (see qc/{ref.slide_id}.png)")
+    return PreparedSlide(ref, plan, coords, width, height, mpp_source, tissue.threshold,
+                         time.perf_counter() - start)
