@@ -54,6 +54,15 @@ def cmd_predict(args: argparse.Namespace) -> None:
     print(f"predictions written: {out}/predictions.csv")
 
 
+def cmd_heatmap(args: argparse.Namespace) -> None:
+    from mil.heatmap import run_heatmap
+
+    written = run_heatmap(args.run_dir, args.config, args.slide, top_k=args.top_k, out_dir=args.out,
+                          target_class=args.target_class)
+    folders = sorted({str(p.parent) for p in written})
+    print(f"heatmaps written: {len(written)} files in {', '.join(folders)}")
+
+
 def cmd_report(args: argparse.Namespace) -> None:
     from mil.report import report_predictions
 
@@ -108,6 +117,16 @@ def build_parser() -> argparse.ArgumentParser:
             "given with cohort.* keys; with labels, metrics.json and ROC/PR plots are written too.")
     p.add_argument("run_dir", help="a finished `mil crossval` or `mil train` output folder")
     p.add_argument("config", nargs="+", help="YAML file(s) and key=value overrides for the new cohort, plus output_dir=...")
+    p = add("heatmap", cmd_heatmap, "attention heatmaps, top/bottom tiles and per-tile scores for slides",
+            "Per-tile attention of a trained run (averaged over fold models) drawn over each slide's thumbnail, "
+            "a grid of the top-k and bottom-k tiles, and <slide_id>_scores.csv (x, y, score). Without the slide file, "
+            "a scatter of the tiles. Writes to --out, else output_dir when overridden, else RUN_DIR/heatmaps.")
+    p.add_argument("run_dir", help="a finished `mil crossval` or `mil train` output folder")
+    p.add_argument("config", nargs="*", help="YAML file(s) and key=value overrides (e.g. cohort.*, slides.dir=...)")
+    p.add_argument("--slide", action="append", required=True, help="slide id (repeat for several slides)")
+    p.add_argument("--top-k", type=int, default=8, help="tiles shown in the top and bottom rows (default 8)")
+    p.add_argument("--out", help="output folder")
+    p.add_argument("--class", dest="target_class", help="class map for per-class models (default: the predicted class)")
     p = add("report", cmd_report, "metrics and plots for a predictions.csv",
             "Re-compute metrics with bootstrap intervals and redraw ROC, PR and calibration plots for any predictions.csv "
             "(from crossval or predict), or for a run folder.")

@@ -1,0 +1,207 @@
+"""Drawing attention heatmaps: tile scores -> a raster over the slide thumbnail, colour bar, tile grids.
+
+Geometry: a raster pixel belongs to a tile when the pixel's centre, mapped back to level-0
+coordinates, lies inside the tile's real extent ``[x, x + tile_size) x [y, y + tile_size)``.
+The scale is taken per axis (``raster_width / slide_width``, ``raster_height / slide_height``),
+so a thumbnail whose sides were rounded separately, or a slide whose size is not a multiple
+of the tile size, still puts every tile's heat where the tile is.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import numpy as np
+from matplotlib import colormaps
+from PIL import Image, ImageDraw, ImageFont
+from scipy import ndimage
+from scipy.stats import rankdata
+
+CMAP = "turbo"
+ALPHA = 0.5  # opacity of the colour map over the tissue
+OUTLINE_RGB = (25, 25, 25)
+BAR_PX = (22, 256)  # colour bar width, minimum height
+TEXT_PX = 14
+GRID_TILE_PX = 160  # side of each tile in the top/bottom grid
+# Tile corners are whole level-0 pixels rounded from a fractional grid, so neighbours can sit up to
+# one pixel apart: each tile is painted one level-0 pixel wider, or a grid shows hairline gaps.
+SEAM_PX = 1.0
+
+
+def font(size: int = TEXT_PX) -> ImageFont.ImageFont | ImageFont.FreeTypeFont:
+    try:
+        return ImageFont.load_default(size=size)
+    except TypeError:  # Pillow < 10.1: fixed-size bitmap font
+        return ImageFont.load_default()
+
+
+def percentile_scores(scores: np.ndarray) -> np.ndarray:
+    """Each score's percentile rank within the slide, in [0, 1] (ties share their mean rank).
+
+    Attention weights are heavy-tailed (a softmax): min-max scaling would show a few hot tiles
+    on a uniformly cold slide. Ranks spread the colour map over the ordering instead, as in
+    CLAM's heatmaps; the raw values are kept in the scores CSV.
+    """
+    scores = np.asarray(scores, float)
+    if len(scores) < 2:
+        return np.ones(len(scores))
+    return (rankdata(scores, method="average") - 1.0) / (len(scores) - 1.0)
+
+
+def heat_raster(
+    coords: np.ndarray,
+    values: np.ndarray,
+    tile_size: float,
+    slide_size: tuple[int, int],
+    raster_size: tuple[int, int],
+) -> np.ndarray:
+    """Float32 ``[h, w]`` raster of ``values`` painted at each tile's extent; NaN where no tile.
+
+    ``coords`` [N, 2] are level-0 top-left corners, ``tile_size`` the tile side in level-0
+    pixels (may be fractional), ``slide_size`` the level-0 (width, height) and ``raster_size``
+    the (width, height) of the raster (e.g. of a thumbnail). A tile covers the pixels whose
+    centres fall in ``[x, x + tile_size + SEAM_PX)`` (likewise in y); overlapping tiles average.
+    A tile smaller than a raster pixel still covers the pixel its centre falls in.
+    """
+    (W, H), (w, h) = slide_size, raster_size
+    sx, sy = w / W, h / H
+    coords = np.asarray(coords, float).reshape(-1, 2)
+    values = np.asarray(values, float)
+
+    def span(start: np.ndarray, scale: float, limit: int) -> tuple[np.ndarray, np.ndarray]:
+        lo = np.ceil(start * scale - 0.5).astype(np.int64)  # first pixel whose centre is inside
+        hi = np.ceil((start + tile_size + SEAM_PX) * scale - 0.5).astype(np.int64)  # first one past the end
+        small = hi <= lo
+        lo = np.where(small, np.floor((start + tile_size / 2) * scale).astype(np.int64), lo)
+        hi = np.where(small, lo + 1, hi)
+        return np.clip(lo, 0, limit), np.clip(hi, 0, limit)
+
+    x0, x1 = span(coords[:, 0], sx, w)
+    y0, y1 = span(coords[:, 1], sy, h)
+    total = np.zeros((h + 1, w + 1))
+    count = np.zeros((h + 1, w + 1))
+    # Difference arrays: +v at the top-left corner, -v past the right and bottom edges.
+    for grid, v in ((total, values), (count, np.ones_like(values))):
+        np.add.at(grid, (y0, x0), v)
+        np.add.at(grid, (y0, x1), -v)
+        np.add.at(grid, (y1, x0), -v)
+        np.add.at(grid, (y1, x1), v)
+    total = total.cumsum(0).cumsum(1)[:h, :w]
+    count = np.rint(count.cumsum(0).cumsum(1)[:h, :w])
+    out = np.full((h, w), np.nan, np.float32)
+    np.divide(total, count, out=out, where=count > 0, casting="unsafe")
+    return out
+
+
+def colourise(raster: np.ndarray) -> np.ndarray:
+    """uint8 RGB ``[h, w, 3]`` of a [0, 1] raster through the colour map (NaN -> 0)."""
+    lut = (colormaps[CMAP](np.linspace(0, 1, 256))[:, :3] * 255).round().astype(np.uint8)
+    idx = np.clip(np.nan_to_num(raster, nan=0.0) * 255 + 0.5, 0, 255).astype(np.uint8)
+    return lut[idx]
+
+
+def outline(mask: np.ndarray, width: int = 1) -> np.ndarray:
+    """The boundary pixels of a boolean mask, ``width`` pixels thick on the inside."""
+    return mask & ~ndimage.binary_erosion(mask, iterations=width, border_value=0)
+
+
+def overlay_panel(thumbnail: Image.Image, raster: np.ndarray, tissue: np.ndarray | None = None) -> Image.Image:
+    """The thumbnail with the colour-mapped raster blended over covered pixels and the tissue outline on top.
+
+    The panel has exactly the thumbnail's size: raster pixel (i, j) is thumbnail pixel (i, j).
+    """
+    base = np.asarray(thumbnail.convert("RGB"), np.float32)
+    if raster.shape != base.shape[:2]:
+        raise ValueError(f"raster {raster.shape} does not match the thumbnail {base.shape[:2]}")
+    covered = ~np.isnan(raster)
+    colour = colourise(raster).astype(np.float32)
+    out = np.where(covered[..., None], (1 - ALPHA) * base + ALPHA * colour, base)
+    if tissue is not None:
+        if tissue.shape != raster.shape:
+            tissue = np.asarray(Image.fromarray(tissue.astype(np.uint8) * 255).resize(
+                (raster.shape[1], raster.shape[0]), Image.Resampling.NEAREST)) > 0
+        out[outline(tissue, width=max(1, round(max(raster.shape) / 800)))] = OUTLINE_RGB
+    return Image.fromarray(out.round().astype(np.uint8))
+
+
+def scatter_panel(raster: np.ndarray) -> Image.Image:
+    """Tiles coloured at their positions on white: the view when the slide file is not available."""
+    covered = ~np.isnan(raster)
+    out = np.where(covered[..., None], colourise(raster), np.uint8(255))
+    return Image.fromarray(out.astype(np.uint8))
+
+
+def text_px_for(panel: Image.Image) -> int:
+    """Caption size that stays legible when a large panel is viewed scaled down."""
+    return max(TEXT_PX, round(max(panel.size) / 90))
+
+
+def colour_bar(height: int, label: str, text_px: int = TEXT_PX) -> Image.Image:
+    """A vertical colour bar (high at the top) with ticks at 0, 25, 50, 75, 100 and a title."""
+    f = font(text_px)
+    bar_w = round(BAR_PX[0] * text_px / TEXT_PX)
+    height = max(height - 2 * text_px, BAR_PX[1])
+    img = Image.new("RGB", (bar_w + 4 * text_px, height + 2 * text_px), "white")
+    ramp = np.linspace(1, 0, height)[:, None].repeat(bar_w, 1)
+    img.paste(Image.fromarray(colourise(ramp)), (0, text_px))
+    draw = ImageDraw.Draw(img)
+    draw.rectangle((0, text_px, bar_w - 1, text_px + height - 1), outline=(0, 0, 0))
+    for q in (0, 25, 50, 75, 100):
+        y = text_px + round((1 - q / 100) * (height - 1))
+        draw.line((bar_w, y, bar_w + text_px // 3, y), fill=(0, 0, 0))
+        draw.text((bar_w + text_px // 2, y), f"{q}", fill=(0, 0, 0), font=f, anchor="lm")
+    title = vertical_text(label, text_px)
+    out = Image.new("RGB", (img.width + title.width + 4, img.height), "white")
+    out.paste(img, (0, 0))
+    out.paste(title, (img.width + 2, max(0, (img.height - title.height) // 2)))
+    return out
+
+
+def vertical_text(text: str, text_px: int = TEXT_PX) -> Image.Image:
+    f = font(text_px)
+    box = ImageDraw.Draw(Image.new("RGB", (1, 1))).textbbox((0, 0), text, font=f)
+    img = Image.new("RGB", (box[2] + 2, round(text_px * 1.4)), "white")
+    ImageDraw.Draw(img).text((1, 1), text, fill=(0, 0, 0), font=f)
+    return img.rotate(90, expand=True)
+
+
+def with_header(body: Image.Image, lines: Sequence[str], right: Image.Image | None = None,
+                text_px: int = TEXT_PX) -> Image.Image:
+    """``body`` (and ``right`` beside it, e.g. a colour bar) under caption lines."""
+    f = font(text_px)
+    line_h = round(text_px * 1.3)
+    head = line_h * len(lines) + text_px // 2
+    gap = text_px
+    width = body.width + (right.width + gap if right is not None else 0)
+    draw_w = max(width, max((int(ImageDraw.Draw(body).textlength(t, font=f)) + 8 for t in lines), default=0))
+    height = head + max(body.height, right.height if right is not None else 0)
+    canvas = Image.new("RGB", (draw_w, height), "white")
+    draw = ImageDraw.Draw(canvas)
+    for i, text in enumerate(lines):
+        draw.text((4, 3 + i * line_h), text, fill=(0, 0, 0), font=f)
+    canvas.paste(body, (0, head))
+    if right is not None:
+        canvas.paste(right, (body.width + gap, head))
+    return canvas
+
+
+def tile_grid(rows: Sequence[tuple[str, Sequence[Image.Image], Sequence[str]]]) -> Image.Image:
+    """Rows of captioned tiles: ``(row title, tiles, one caption per tile)``."""
+    f = font(12)
+    side, cap_h, title_h, gap = GRID_TILE_PX, 30, TEXT_PX + 8, 6
+    n_cols = max((len(t) for _, t, _ in rows), default=1) or 1
+    width = n_cols * (side + gap) + gap
+    height = sum(title_h + side + cap_h for _ in rows) + gap
+    canvas = Image.new("RGB", (width, height), "white")
+    draw = ImageDraw.Draw(canvas)
+    y = gap
+    for title, tiles, captions in rows:
+        draw.text((gap, y), title, fill=(0, 0, 0), font=font())
+        y += title_h
+        for i, (tile, caption) in enumerate(zip(tiles, captions, strict=True)):
+            x = gap + i * (side + gap)
+            canvas.paste(tile.convert("RGB").resize((side, side), Image.Resampling.LANCZOS), (x, y))
+            for j, part in enumerate(caption.split("\n")[:2]):
+                draw.text((x, y + side + 2 + 13 * j), part, fill=(0, 0, 0), font=f)
+        y += side + cap_h
+    return canvas
