@@ -70,6 +70,12 @@ def cmd_report(args: argparse.Namespace) -> None:
     print(f"report written to {out}")
 
 
+def cmd_demo(args: argparse.Namespace) -> None:
+    from mil.demo import run_demo, summary
+
+    print(summary(run_demo(args.out, size=args.size, encoder=args.encoder, weights=args.weights)))
+
+
 def cmd_print_config(args: argparse.Namespace) -> None:
     from mil.config import to_yaml
 
@@ -134,6 +140,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--target", help="label column (default: from the run's run.yaml)")
     p.add_argument("--classes", nargs="+", help="class order, last = positive (default: from run.yaml or sorted labels)")
     p.add_argument("--output-dir", help="where to write (default: beside the predictions)")
+    p = add("demo", cmd_demo, "the whole pipeline on generated slides (about 5 minutes on a laptop CPU)",
+            "Writes a synthetic cohort of pyramidal TIFF slides (planted tumour-like regions drive an MSI-like label) "
+            "and an external cohort, then runs extract, crossval, predict, heatmap and report with configs/demo/*.yaml.")
+    p.add_argument("--out", default="demo_output", help="output folder (default: demo_output)")
+    p.add_argument("--size", default="full", choices=["full", "tiny"], help="tiny: a one-minute smoke test")
+    p.add_argument("--encoder", default="random-vit-tiny",
+                   help="tile encoder; e.g. virchow2 with --weights for real features (default: random-vit-tiny)")
+    p.add_argument("--weights", help="encoder weights: a local folder/file or hf-hub:... id")
     add("print-config", cmd_print_config, "print the resolved config",
         "Merge the schema defaults, YAML files and overrides and print the result.",
         ).add_argument("config", nargs="*", help=CONFIG_HELP)
