@@ -9,7 +9,7 @@ name the file and row.
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
@@ -25,6 +25,28 @@ class CohortError(ValueError):
     """A cohort table problem; the message names the file, row or column."""
 
 
+KINDS = ("category", "number", "time", "event")
+
+
+@dataclass
+class LabelColumn:
+    """A column a task reads from the cohort tables, and how its values are checked.
+
+    ``category``: one of ``classes`` (None: the sorted values found); ``number``: a finite
+    number; ``time``: a number >= 0; ``event``: 0 (censored) or 1 (event). An ``optional``
+    column may be missing for a bag as long as another optional column is present
+    (multi-target); any other missing value skips the bag. ``key`` and ``classes_key`` are the
+    config keys that name the column and its classes, for messages.
+    """
+
+    name: str
+    kind: str = "category"
+    classes: list[str] | None = None
+    optional: bool = False
+    key: str = "cohort.target"
+    classes_key: str = "cohort.classes"
+
+
 @dataclass
 class Bag:
     """One training / prediction unit: a patient's slides, or a single slide."""
@@ -33,18 +55,20 @@ class Bag:
     patient_id: str
     slide_ids: list[str]
     paths: list[Path]
-    label: str | None
+    label: str | None  # the first label column's value (the target of single-label tasks)
     n_tiles: int
+    labels: dict[str, str | None] = field(default_factory=dict)  # every label column's value (None: missing)
 
 
 @dataclass
 class Cohort:
     bags: list[Bag]
-    classes: list[str]
+    classes: list[str]  # classes of the first label column (empty unless it is categorical)
     dim: int
     identity: dict[str, str]
     bag_level: str
     skipped: pd.DataFrame = field(default_factory=lambda: pd.DataFrame(columns=["kind", "id", "reason"]))
+    columns: list[LabelColumn] = field(default_factory=list)  # label columns, classes resolved
 
     @property
     def patient_ids(self) -> np.ndarray:
@@ -52,7 +76,7 @@ class Cohort:
 
     @property
     def labels(self) -> np.ndarray:
-        """Class index of each bag (-1 where unlabelled)."""
+        """Class index of each bag in the first label column (-1 where unlabelled)."""
         index = {c: i for i, c in enumerate(self.classes)}
         return np.array([index.get(b.label, -1) if b.label is not None else -1 for b in self.bags])
 
@@ -85,55 +109,91 @@ def _check_unique(df: pd.DataFrame, column: str, path: str | Path) -> None:
         raise CohortError(f"{path}: duplicate {column} {dup[column].iloc[0]!r} (rows {rows})")
 
 
-def load_cohort(cfg: DictConfig, require_labels: bool = True) -> Cohort:
+def check_values(df: pd.DataFrame, column: LabelColumn, source: str | Path, id_column: str) -> None:
+    """Raise on the first value of ``column`` in ``df`` that its kind forbids, naming the row."""
+    values = df[column.name]
+    present = values.notna()
+    if column.kind == "category":
+        bad = present & ~values.isin(column.classes) if column.classes is not None else present & False
+        problem = f"is not in {column.classes_key} {column.classes}"
+    else:
+        numbers = pd.to_numeric(values.where(present), errors="coerce")
+        bad = present & ~np.isfinite(numbers.astype(float))
+        problem = "is not a number"
+        if column.kind == "time" and not bad.any():
+            bad, problem = present & (numbers < 0), "is negative; survival times must be >= 0"
+        elif column.kind == "event" and not bad.any():
+            bad, problem = present & ~numbers.isin([0, 1]), "must be 0 (censored) or 1 (event)"
+    if bad.any():
+        row = bad[bad].index[0]
+        what = "label" if column.kind == "category" else f"{column.name} value"
+        raise CohortError(
+            f"{source}: {what} {values[row]!r} for {df.loc[row, id_column]!r} {problem} "
+            f"(row {row + 2})"  # +2: header line, 1-based rows
+        )
+
+
+def _missing_reason(row: pd.Series, columns: list[LabelColumn]) -> str | None:
+    """Why a slide row cannot be used for training, or None when its labels suffice."""
+    required = [c.name for c in columns if not c.optional and pd.isna(row[c.name])]
+    if required:
+        return f"missing {', '.join(required)} label" + ("s" if len(required) > 1 else "")
+    optional = [c.name for c in columns if c.optional]
+    if optional and all(pd.isna(row[name]) for name in optional):
+        return f"missing all labels ({', '.join(optional)})"
+    return None
+
+
+def load_cohort(
+    cfg: DictConfig, require_labels: bool = True, columns: list[LabelColumn] | None = None
+) -> Cohort:
     """Build the cohort described by the ``cohort`` section of a config.
 
-    ``require_labels=False`` keeps unlabelled bags (prediction on a new cohort).
+    ``columns`` are the label columns to read (default: ``cohort.target`` as a category with
+    ``cohort.classes``); each comes from the clinical table when it has the column, else from
+    the slide table. ``require_labels=False`` keeps unlabelled bags and drops absent columns
+    (prediction on a new cohort).
     """
-    pcol, scol, target = cfg.patient_column, cfg.slide_column, cfg.target
+    pcol, scol = cfg.patient_column, cfg.slide_column
     if cfg.bag_level not in ("patient", "slide"):
         raise CohortError(f"cohort.bag_level must be 'patient' or 'slide', got {cfg.bag_level!r}")
+    if columns is None:
+        if require_labels and not cfg.target:
+            raise CohortError("cohort.target is not set: name the label column")
+        columns = [LabelColumn(cfg.target, classes=[str(c) for c in cfg.classes] if cfg.classes else None)] if cfg.target else []
+    for c in columns:
+        if c.kind not in KINDS:
+            raise CohortError(f"label column {c.name!r}: kind must be one of {KINDS}, got {c.kind!r}")
     slides = read_table(cfg.slide_csv, [pcol, scol], "slide table")
     _check_unique(slides, scol, cfg.slide_csv)
     skipped: list[tuple[str, str, str]] = []
 
-    label_source = None
+    sources: dict[str, str] = {}
     if cfg.clinical_csv:
         clinical = read_table(cfg.clinical_csv, [pcol], "clinical table")
         _check_unique(clinical, pcol, cfg.clinical_csv)
-        if target and target in clinical.columns:
-            label_source = cfg.clinical_csv
-            slides = slides.drop(columns=[target], errors="ignore").merge(
-                clinical[[pcol, target]], on=pcol, how="left"
-            )
+        here = [c for c in columns if c.name in clinical.columns]
+        for c in here:
+            check_values(clinical, c, cfg.clinical_csv, pcol)
+            sources[c.name] = str(cfg.clinical_csv)
+        names = [c.name for c in here]
+        slides = slides.drop(columns=names, errors="ignore").merge(clinical[[pcol, *names]], on=pcol, how="left")
         for pid in sorted(set(clinical[pcol].dropna()) - set(slides[pcol].dropna())):
             skipped.append(("patient", pid, "no slides in the slide table"))
         unknown = slides[~slides[pcol].isin(clinical[pcol])]
         for sid in unknown[scol]:
             skipped.append(("slide", sid, "patient not in the clinical table"))
         slides = slides[slides[pcol].isin(clinical[pcol])]
-    if target and label_source is None:
-        if target in slides.columns:
-            label_source = cfg.slide_csv
+    for c in [c for c in columns if c.name not in sources]:
+        if c.name in slides.columns:
+            check_values(slides, c, cfg.slide_csv, scol)
+            sources[c.name] = str(cfg.slide_csv)
         elif require_labels:
             where = f"{cfg.clinical_csv} or {cfg.slide_csv}" if cfg.clinical_csv else str(cfg.slide_csv)
-            raise CohortError(f"label column cohort.target={target!r} not found in {where}")
+            raise CohortError(f"label column {c.key}={c.name!r} not found in {where}")
         else:
-            logger.info("no %r column: predicting without labels", target)
-            target = None
-    if require_labels and not target:
-        raise CohortError("cohort.target is not set: name the label column")
-
-    classes = [str(c) for c in cfg.classes] if cfg.classes else None
-    if target and classes is not None:
-        present = slides[target].dropna()
-        bad = present[~present.isin(classes)]
-        if len(bad):
-            row = bad.index[0]
-            raise CohortError(
-                f"{label_source}: label {bad.iloc[0]!r} for {slides.loc[row, pcol]!r} is not in "
-                f"cohort.classes {classes}"
-            )
+            logger.info("no %r column: predicting without it", c.name)
+    columns = [c for c in columns if c.name in sources]
 
     features_dir = Path(cfg.features_dir)
     if not features_dir.is_dir():
@@ -148,8 +208,9 @@ def load_cohort(cfg: DictConfig, require_labels: bool = True) -> Cohort:
         if not path.is_file():
             skipped.append(("slide", sid, f"no bag {path.name} in {features_dir}"))
             continue
-        if target and pd.isna(row[target]) and require_labels:
-            skipped.append(("slide", sid, f"missing {target} label"))
+        reason = _missing_reason(row, columns) if require_labels else None
+        if reason:
+            skipped.append(("slide", sid, reason))
             continue
         infos[sid] = read_bag_info(path)
         keep.append(i)
@@ -158,9 +219,12 @@ def load_cohort(cfg: DictConfig, require_labels: bool = True) -> Cohort:
         raise CohortError(f"no usable bags: none of the {len(keep) + len(skipped)} listed slides has a bag in {features_dir}")
     _check_consistent(list(infos.values()))
 
-    if target and classes is None:
-        classes = sorted(slides[target].dropna().unique().tolist())
-    bags = _group(slides, infos, pcol, scol, target, cfg.bag_level, label_source)
+    columns = [
+        replace(c, classes=sorted(slides[c.name].dropna().unique().tolist()))
+        if c.kind == "category" and c.classes is None else c
+        for c in columns
+    ]
+    bags = _group(slides, infos, pcol, scol, columns, cfg.bag_level, sources)
     first = next(iter(infos.values()))
     skipped_df = pd.DataFrame(skipped, columns=["kind", "id", "reason"])
     if len(skipped_df):
@@ -168,8 +232,10 @@ def load_cohort(cfg: DictConfig, require_labels: bool = True) -> Cohort:
             "skipped %d row(s) (%s); see skipped.csv", len(skipped_df),
             ", ".join(f"{n} {r}" for r, n in skipped_df.reason.str.split(" in ").str[0].value_counts().items()),
         )
-    logger.info("cohort: %d bags, %d patients, classes %s", len(bags), len({b.patient_id for b in bags}), classes)
-    return Cohort(bags, classes or [], first.dim, first.identity, cfg.bag_level, skipped_df)
+    classes = list(columns[0].classes or []) if columns and columns[0].kind == "category" else []
+    logger.info("cohort: %d bags, %d patients, label columns %s", len(bags), len({b.patient_id for b in bags}),
+                ", ".join(c.name + (f" {c.classes}" if c.classes else f" ({c.kind})") for c in columns) or "none")
+    return Cohort(bags, classes, first.dim, first.identity, cfg.bag_level, skipped_df, columns)
 
 
 def _check_consistent(infos: list[BagInfo]) -> None:
@@ -192,26 +258,35 @@ def _group(
     infos: dict[str, BagInfo],
     pcol: str,
     scol: str,
-    target: str | None,
+    columns: list[LabelColumn],
     bag_level: str,
-    label_source: str | None,
+    sources: dict[str, str],
 ) -> list[Bag]:
+    def value(v: object) -> str | None:
+        return None if pd.isna(v) else str(v)
+
     bags = []
     if bag_level == "slide":
         for _, row in slides.iterrows():
             info = infos[row[scol]]
-            label = row[target] if target and not pd.isna(row[target]) else None
-            bags.append(Bag(row[scol], row[pcol], [row[scol]], [info.path], label, info.n_tiles))
+            labels = {c.name: value(row[c.name]) for c in columns}
+            bags.append(Bag(row[scol], row[pcol], [row[scol]], [info.path], _first(labels), info.n_tiles, labels))
         return bags
     for pid, group in slides.groupby(pcol, sort=True):
-        labels = group[target].dropna().unique() if target else []
-        if len(labels) > 1:
-            raise CohortError(
-                f"{label_source}: patient {pid!r} has slides with different {target} labels {sorted(labels)}; "
-                "use cohort.bag_level=slide for slide-level labels"
-            )
+        labels = {}
+        for c in columns:
+            values = group[c.name].dropna().unique()
+            if len(values) > 1:
+                raise CohortError(
+                    f"{sources[c.name]}: patient {pid!r} has slides with different {c.name} labels {sorted(values)}; "
+                    "use cohort.bag_level=slide for slide-level labels"
+                )
+            labels[c.name] = value(values[0]) if len(values) else None
         sids = group[scol].tolist()
         paths = [infos[s].path for s in sids]
-        label = labels[0] if len(labels) else None
-        bags.append(Bag(str(pid), str(pid), sids, paths, label, sum(infos[s].n_tiles for s in sids)))
+        bags.append(Bag(str(pid), str(pid), sids, paths, _first(labels), sum(infos[s].n_tiles for s in sids), labels))
     return bags
+
+
+def _first(labels: dict[str, str | None]) -> str | None:
+    return next(iter(labels.values()), None)

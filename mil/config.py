@@ -114,6 +114,25 @@ class EncoderConfig:
 
 
 @dataclass
+class TargetConfig:
+    column: str | None = None  # label column (clinical or slide table)
+    classes: list[str] | None = None  # ordered, last = positive; None: sorted values found
+
+
+@dataclass
+class TaskConfig:
+    # classification (cohort.target, cohort.classes), multi_target (task.targets),
+    # regression (cohort.target, numeric) or survival (task.time, task.event)
+    type: str = "classification"
+    targets: list[TargetConfig] = field(default_factory=list)  # multi_target: one head per target
+    stratify: str | None = None  # multi_target: target column the splits are stratified on (None: the first)
+    time: str | None = None  # survival: follow-up time column (>= 0, any unit)
+    event: str | None = None  # survival: event column (1 = event, 0 = censored)
+    loss: str | None = None  # None: the task's default; regression: "mse" (default) or "huber"
+    huber_delta: float = 1.0  # regression: Huber threshold, in standard deviations of the training targets
+
+
+@dataclass
 class LoaderConfig:
     workers: int = 4
 
@@ -121,6 +140,7 @@ class LoaderConfig:
 @dataclass
 class Config:
     cohort: CohortConfig = field(default_factory=CohortConfig)
+    task: TaskConfig = field(default_factory=TaskConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
     cv: CVConfig = field(default_factory=CVConfig)
     train: TrainConfig = field(default_factory=TrainConfig)

@@ -1,7 +1,8 @@
 """`mil crossval` and `mil train`: runs from a config to a folder of models and results.
 
 A run folder holds ``config.yaml`` (the resolved config, enough to rerun), ``run.yaml``
-(what prediction needs: class order, feature dimension, encoder identity), ``skipped.csv``,
+(what prediction needs: task type, label columns and class order, feature dimension, encoder
+identity), ``skipped.csv``,
 and for cross-validation ``splits.yaml``, ``fold_<k>/`` and the pooled results. A fold is
 finished when its ``predictions.csv`` exists (written last, atomically), so a rerun into the
 same folder keeps finished folds and redoes an interrupted one.
@@ -13,6 +14,7 @@ import logging
 from pathlib import Path
 from typing import Any
 
+import lightning as L
 import numpy as np
 import pandas as pd
 import torch
@@ -22,19 +24,20 @@ from omegaconf import DictConfig, OmegaConf
 from mil import __version__
 from mil.cohort import Bag, Cohort, load_cohort
 from mil.config import ConfigError, load_config, require, save_config
-from mil.inference import load_weights, predict_bags, resolve_device, save_weights
+from mil.inference import load_weights, resolve_device, save_weights
 from mil.io import atomic_path, write_json, write_text
 from mil.models import create_model
 from mil.normalize import Standardized
 from mil.report import write_report
-from mil.splits import Fold, check_class_counts, inner_split, load_splits, make_splits, save_splits
-from mil.training import fit
+from mil.splits import Fold, inner_split, load_splits, make_splits, save_splits
+from mil.tasks import Task, create_task, task_class, task_from_meta
+from mil.training import fit, predict_outputs
 
 logger = logging.getLogger(__name__)
 
 # Keys that do not change results: a resumed run may differ in these.
 _RESUME_FREE = {"output_dir", "trainer.enable_progress_bar", "trainer.logger", "train.num_workers", "cv.split_file"}
-_REQUIRED = ["cohort.slide_csv", "cohort.features_dir", "cohort.target"]
+_REQUIRED = ["cohort.slide_csv", "cohort.features_dir"]
 
 
 def is_main_process() -> bool:
@@ -69,14 +72,14 @@ def _check_resumable(cfg: DictConfig, out: Path) -> None:
         )
 
 
-def prepare_run(cfg: DictConfig, kind: str) -> tuple[Path, Cohort]:
+def prepare_run(cfg: DictConfig, kind: str) -> tuple[Path, Cohort, Task]:
     """Validate the config, load the cohort and write the run's metadata files."""
-    require(cfg, _REQUIRED, kind)
+    cls = task_class(cfg)
+    require(cfg, _REQUIRED + cls.required_keys(cfg), kind)
     out = Path(cfg.output_dir)
     _check_resumable(cfg, out)
-    cohort = load_cohort(cfg.cohort)
-    if len(cohort.classes) < 2:
-        raise ConfigError(f"cohort.target {cfg.cohort.target!r} has a single class {cohort.classes}: nothing to learn")
+    cohort = load_cohort(cfg.cohort, columns=cls.label_columns(cfg))
+    task = cls(cohort.columns, cfg)
     if is_main_process():
         out.mkdir(parents=True, exist_ok=True)
         save_config(cfg, out / "config.yaml")
@@ -85,15 +88,15 @@ def prepare_run(cfg: DictConfig, kind: str) -> tuple[Path, Cohort]:
         meta = {
             "kind": kind,
             "toolkit_version": __version__,
-            "target": cfg.cohort.target,
-            "classes": cohort.classes,
+            **task.metadata(),
             "bag_level": cohort.bag_level,
             "in_dim": cohort.dim,
             "encoder": cohort.identity,
             "model": cfg.model.name,
+            "bootstrap": {"n": cfg.cv.bootstrap, "seed": cfg.cv.seed},  # so `mil report` recomputes the same intervals
         }
         write_text(out / "run.yaml", OmegaConf.to_yaml(OmegaConf.create(meta)))
-    return out, cohort
+    return out, cohort, task
 
 
 def build_model(cfg: DictConfig, in_dim: int, n_outputs: int) -> torch.nn.Module:
@@ -102,26 +105,20 @@ def build_model(cfg: DictConfig, in_dim: int, n_outputs: int) -> torch.nn.Module
     return Standardized(model, in_dim) if cfg.train.standardize else model
 
 
-def _targets(cohort: Cohort, bags: list[Bag]) -> torch.Tensor:
-    index = {c: i for i, c in enumerate(cohort.classes)}
-    return torch.tensor([index[b.label] for b in bags], dtype=torch.long)
-
-
 def id_columns(cfg: DictConfig) -> list[str]:
     c = cfg.cohort
     return [c.patient_column] + ([c.slide_column] if c.bag_level == "slide" else [])
 
 
-def predictions_frame(cfg: DictConfig, classes: list[str], bags: list[Bag], probs: np.ndarray) -> pd.DataFrame:
-    """One row per bag: ids, true label (when known) and ``prob_<class>`` columns."""
+def predictions_frame(cfg: DictConfig, task: Task, bags: list[Bag], columns: dict[str, np.ndarray]) -> pd.DataFrame:
+    """One row per bag: ids, true values (None where unknown) and the task's prediction ``columns``."""
     c = cfg.cohort
     df = pd.DataFrame({c.patient_column: [b.patient_id for b in bags]})
     if c.bag_level == "slide":
         df[c.slide_column] = [b.slide_ids[0] for b in bags]
-    df[c.target] = [b.label for b in bags]
-    for i, name in enumerate(classes):
-        df[f"prob_{name}"] = probs[:, i]
-    return df
+    for name, values in task.truth(bags).items():
+        df[name] = values
+    return pd.concat([df, pd.DataFrame(columns, index=df.index)], axis=1)
 
 
 def _write_csv(df: pd.DataFrame, path: Path) -> None:
@@ -130,33 +127,38 @@ def _write_csv(df: pd.DataFrame, path: Path) -> None:
 
 
 def _train_one(
-    cfg: DictConfig, cohort: Cohort, train: list[str], val: list[str], out_dir: Path, seed: int, what: str
+    cfg: DictConfig, cohort: Cohort, task: Task, train: list[str], val: list[str], out_dir: Path, seed: int, what: str
 ) -> tuple[torch.nn.Module, dict[str, Any]]:
     train_bags, val_bags = cohort.subset(set(train)), cohort.subset(set(val))
-    n_classes = len(cohort.classes)
     for name, bags in (("training", train_bags), ("validation", val_bags)):
-        labels = _targets(cohort, bags).numpy()
-        check_class_counts(np.array([b.patient_id for b in bags]), labels, 1, cohort.classes, f"the {name} split of {what}")
-    model = build_model(cfg, cohort.dim, n_classes)
+        task.check_split(bags, f"the {name} split of {what}", training=name == "training")
+    L.seed_everything(seed, workers=True, verbose=False)  # the initial weights too, not only training
+    model = build_model(cfg, cohort.dim, task.n_outputs)
     if isinstance(model, Standardized):
         model.fit(train_bags)  # training patients only: val and test stay unseen
-    return fit(
-        cfg, model, train_bags, _targets(cohort, train_bags), val_bags, _targets(cohort, val_bags),
-        n_classes, out_dir, seed,
+    train_targets = task.encode(train_bags)
+    model, summary = fit(
+        cfg, task.wrap(model, train_targets), task, train_bags, train_targets, val_bags, task.encode(val_bags),
+        out_dir, seed,
     )
+    if task.calibrates:  # e.g. survival: centre the risk on the training bags' median
+        task.calibrate(model, predict_outputs(model, train_bags, cfg.train.eval_batch_size,
+                                              resolve_device(cfg.trainer.accelerator), cfg.train.precision))
+    return model, summary
 
 
 def run_fold(cfg: DictConfig, cohort: Cohort, fold: Fold, fold_dir: Path, seed: int) -> pd.DataFrame | None:
     """Train on ``fold.train``, select on ``fold.val``; only then predict ``fold.test``."""
-    model, summary = _train_one(cfg, cohort, fold.train, fold.val, fold_dir, seed, fold.name)
+    task = create_task(cfg, cohort.columns)
+    model, summary = _train_one(cfg, cohort, task, fold.train, fold.val, fold_dir, seed, fold.name)
     if not is_main_process():
         return None
     save_weights(model, fold_dir / "model.safetensors")
     test_bags = cohort.subset(set(fold.test))
-    probs = predict_bags(
+    outputs = predict_outputs(
         model, test_bags, cfg.train.eval_batch_size, resolve_device(cfg.trainer.accelerator), cfg.train.precision
     )
-    df = predictions_frame(cfg, cohort.classes, test_bags, probs)
+    df = predictions_frame(cfg, task, test_bags, task.predictions(outputs))
     df.insert(len(id_columns(cfg)), "fold", fold.name)
     if cfg.cv.repeats > 1:
         df.insert(len(id_columns(cfg)) + 1, "repeat", fold.repeat)
@@ -165,16 +167,15 @@ def run_fold(cfg: DictConfig, cohort: Cohort, fold: Fold, fold_dir: Path, seed: 
     return df
 
 
-def _splits(cfg: DictConfig, cohort: Cohort, out: Path) -> list[Fold]:
+def _splits(cfg: DictConfig, cohort: Cohort, task: Task, out: Path) -> list[Fold]:
     saved = out / "splits.yaml"
     if cfg.cv.split_file:
         folds = load_splits(cfg.cv.split_file, set(cohort.patient_ids.tolist()))
     elif saved.is_file():  # resuming: the splits already used must be kept
         folds = load_splits(saved, set(cohort.patient_ids.tolist()))
     else:
-        folds = make_splits(
-            cohort.patient_ids, cohort.labels, cohort.classes, cfg.cv.folds, cfg.cv.repeats, cfg.cv.seed, cfg.cv.val_fraction
-        )
+        strata, names = task.strata(cohort.bags)
+        folds = make_splits(cohort.patient_ids, strata, names, cfg.cv.folds, cfg.cv.repeats, cfg.cv.seed, cfg.cv.val_fraction)
     if is_main_process():
         save_splits(folds, saved)
     return folds
@@ -182,15 +183,15 @@ def _splits(cfg: DictConfig, cohort: Cohort, out: Path) -> list[Fold]:
 
 def run_crossval(cfg: DictConfig) -> Path:
     """Cross-validate ``cfg`` into ``cfg.output_dir``; returns the run folder."""
-    out, cohort = prepare_run(cfg, "crossval")
-    folds = _splits(cfg, cohort, out)
+    out, cohort, task = prepare_run(cfg, "crossval")
+    folds = _splits(cfg, cohort, task, out)
     frames = []
     for i, fold in enumerate(folds):
         fold_dir = out / fold.name
         done = fold_dir / "predictions.csv"
         if done.is_file():
             logger.info("%s already finished, keeping it", fold.name)
-            frames.append(pd.read_csv(done, dtype={c: str for c in [*id_columns(cfg), cfg.cohort.target]}))
+            frames.append(pd.read_csv(done, dtype={**{c: str for c in id_columns(cfg)}, **task.csv_dtypes()}))
             continue
         logger.info("%s (%d/%d): %d train, %d val, %d test patients", fold.name, i + 1, len(folds), len(fold.train), len(fold.val), len(fold.test))
         frames.append(run_fold(cfg, cohort, fold, fold_dir, seed=cfg.train.seed + i))
@@ -198,27 +199,23 @@ def run_crossval(cfg: DictConfig) -> Path:
         return out
     predictions = pd.concat(frames, ignore_index=True)
     _write_csv(predictions, out / "predictions.csv")
-    result = write_report(predictions, cfg.cohort.target, cohort.classes, out, id_columns(cfg), n_boot=cfg.cv.bootstrap, seed=cfg.cv.seed)
-    pooled = result["pooled"]
-    logger.info(
-        "pooled out-of-fold AUROC %.3f [%.3f, %.3f], balanced accuracy %.3f; results in %s",
-        pooled["auroc"]["value"], pooled["auroc"]["ci_low"], pooled["auroc"]["ci_high"],
-        pooled["balanced_accuracy"]["value"], out,
-    )
+    result = write_report(predictions, task.columns[0].name, cohort.classes, out, id_columns(cfg),
+                          n_boot=cfg.cv.bootstrap, seed=cfg.cv.seed, task=task)
+    logger.info("%s; results in %s", task.headline(result), out)
     return out
 
 
 def run_train(cfg: DictConfig) -> Path:
     """Train one model on the whole cohort (a stratified validation split picks the epoch)."""
-    out, cohort = prepare_run(cfg, "train")
+    out, cohort, task = prepare_run(cfg, "train")
     weights = out / "model.safetensors"
     if weights.is_file():
         logger.info("%s exists; this run is finished", weights)
         return out
-    train, val = inner_split(cohort.patient_ids, cohort.labels, cfg.cv.val_fraction, seed=cfg.cv.seed)
+    train, val = inner_split(cohort.patient_ids, task.strata(cohort.bags)[0], cfg.cv.val_fraction, seed=cfg.cv.seed)
     if is_main_process():
         save_splits([Fold("final", 0, 0, train, val, [])], out / "splits.yaml")
-    model, summary = _train_one(cfg, cohort, train, val, out, cfg.train.seed, "the final model")
+    model, summary = _train_one(cfg, cohort, task, train, val, out, cfg.train.seed, "the final model")
     if is_main_process():
         write_json(out / "summary.json", {**summary, "n_train": len(train), "n_val": len(val)})
         save_weights(model, weights)  # last: marks the run finished
@@ -230,4 +227,5 @@ def load_run_model(run_dir: str | Path, weights: str | Path) -> torch.nn.Module:
     run_dir = Path(run_dir)
     cfg = load_config(base=OmegaConf.load(run_dir / "config.yaml"))
     meta = OmegaConf.load(run_dir / "run.yaml")
-    return load_weights(build_model(cfg, int(meta.in_dim), len(meta.classes)), weights)
+    task = task_from_meta(meta, cfg)
+    return load_weights(task.wrap(build_model(cfg, int(meta.in_dim), task.n_outputs)), weights)

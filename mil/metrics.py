@@ -9,37 +9,51 @@ from __future__ import annotations
 
 import math
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 
 import numpy as np
-from sklearn.metrics import (
-    average_precision_score,
-    balanced_accuracy_score,
-    f1_score,
-    roc_auc_score,
-)
+from scipy import stats
+from sklearn.metrics import average_precision_score, roc_auc_score
 
-CLASSIFICATION_METRICS = ("auroc", "ap", "balanced_accuracy", "f1")
+CLASSIFICATION_METRICS = ("auroc", "ap", "balanced_accuracy", "accuracy", "f1")
+REGRESSION_METRICS = ("pearson", "spearman", "mae", "r2")
+SURVIVAL_METRICS = ("c_index",)
+COUNTS = ("n", "n_events")  # reported as they are: no interval, no mean across folds
 
 
-def classification_metrics(y: np.ndarray, probs: np.ndarray) -> dict[str, float]:
-    """AUROC, average precision, balanced accuracy and F1.
+def confusion_scores(y: np.ndarray, pred: np.ndarray, n_classes: int) -> dict[str, float]:
+    """Balanced accuracy, accuracy and F1 from the confusion matrix (as scikit-learn defines them).
+
+    Balanced accuracy: mean recall over the classes present in ``y``. F1: of class 1 when
+    binary, else the macro mean over all classes; 0 where undefined (``zero_division=0``).
+    Computed here because scikit-learn's input checks dominate thousands of bootstrap calls.
+    """
+    counts = np.bincount(y * n_classes + pred, minlength=n_classes * n_classes).reshape(n_classes, n_classes)
+    tp, support, predicted = np.diag(counts).astype(float), counts.sum(axis=1), counts.sum(axis=0)
+    present = support > 0
+    denominator = support + predicted
+    f1 = np.divide(2 * tp, denominator, out=np.zeros(n_classes), where=denominator > 0)
+    return {
+        "balanced_accuracy": float((tp[present] / support[present]).mean()) if present.any() else math.nan,
+        "accuracy": float(tp.sum() / len(y)) if len(y) else math.nan,
+        "f1": float(f1[1] if n_classes == 2 else f1.mean()),
+    }
+
+
+def classification_metrics(y: np.ndarray, probs: np.ndarray, classes: Sequence[str] | None = None) -> dict[str, float]:
+    """AUROC, average precision, balanced accuracy, accuracy and F1.
 
     Binary (two columns): scores of the last (positive) class. Multi-class: macro averages,
-    one-vs-rest AUROC. Metrics undefined for the data (one class present) are NaN.
+    one-vs-rest AUROC, plus ``auroc_<class>`` per class when ``classes`` names them.
+    Metrics undefined for the data (one class present) are NaN.
     """
     y = np.asarray(y).astype(int)
     probs = np.asarray(probs, dtype=np.float64)
     n_classes = probs.shape[1]
-    pred = probs.argmax(axis=1)
-    out = {"n": float(len(y))}
+    out = {"n": float(len(y)), **confusion_scores(y, probs.argmax(axis=1), n_classes)}
+    per_class = {}
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        out["balanced_accuracy"] = float(balanced_accuracy_score(y, pred))
-        if n_classes == 2:
-            out["f1"] = float(f1_score(y, pred, pos_label=1, zero_division=0))
-        else:
-            out["f1"] = float(f1_score(y, pred, average="macro", labels=list(range(n_classes)), zero_division=0))
         if len(np.unique(y)) < 2:
             out["auroc"] = out["ap"] = math.nan
         elif n_classes == 2:
@@ -50,7 +64,60 @@ def classification_metrics(y: np.ndarray, probs: np.ndarray) -> dict[str, float]
             onehot = np.eye(n_classes)[y][:, present]
             out["auroc"] = float(roc_auc_score(onehot, probs[:, present], average="macro"))
             out["ap"] = float(average_precision_score(onehot, probs[:, present], average="macro"))
-    return {k: out[k] for k in ("auroc", "ap", "balanced_accuracy", "f1", "n")}
+        if classes is not None and n_classes > 2:
+            for i, c in enumerate(classes):
+                hit = y == i
+                per_class[f"auroc_{c}"] = float(roc_auc_score(hit, probs[:, i])) if 0 < hit.sum() < len(y) else math.nan
+    return {**{k: out[k] for k in CLASSIFICATION_METRICS}, **per_class, "n": out["n"]}
+
+
+def regression_metrics(y: np.ndarray, pred: np.ndarray) -> dict[str, float]:
+    """Pearson r, Spearman rho, mean absolute error and R² (NaN where undefined)."""
+    y, pred = np.asarray(y, dtype=np.float64), np.asarray(pred, dtype=np.float64)
+    out = {"pearson": math.nan, "spearman": math.nan, "mae": float(np.abs(y - pred).mean()) if len(y) else math.nan}
+    ss_tot = float(((y - y.mean()) ** 2).sum()) if len(y) else 0.0
+    out["r2"] = 1.0 - float(((y - pred) ** 2).sum()) / ss_tot if ss_tot > 0 else math.nan
+    if len(y) > 2 and np.ptp(y) > 0 and np.ptp(pred) > 0:
+        out["pearson"] = float(stats.pearsonr(y, pred).statistic)
+        out["spearman"] = float(stats.spearmanr(y, pred).statistic)
+    return {**out, "n": float(len(y))}
+
+
+def concordance_index(risk: np.ndarray, time: np.ndarray, event: np.ndarray, chunk: int = 512) -> float:
+    """Harrell's C: of the comparable pairs, the fraction ordered correctly by risk.
+
+    A pair is comparable when the shorter time is an event (or both times tie and only the
+    other is censored); it is concordant when that bag has the higher risk, and counts 1/2
+    for tied risks. Pairs are counted in blocks of ``chunk`` events to bound memory.
+    """
+    risk, time = np.asarray(risk, dtype=np.float64), np.asarray(time, dtype=np.float64)
+    event = np.asarray(event).astype(bool)
+    concordant = comparable = 0.0
+    events = np.flatnonzero(event)
+    for block in np.array_split(events, max(1, math.ceil(len(events) / chunk))):
+        t, r = time[block, None], risk[block, None]
+        pair = (time[None, :] > t) | ((time[None, :] == t) & ~event[None, :])
+        concordant += float((pair & (risk[None, :] < r)).sum()) + 0.5 * float((pair & (risk[None, :] == r)).sum())
+        comparable += float(pair.sum())
+    return concordant / comparable if comparable else math.nan
+
+
+def survival_metrics(risk: np.ndarray, time: np.ndarray, event: np.ndarray) -> dict[str, float]:
+    """Concordance index of the risk scores, with the number of bags and of events."""
+    return {
+        "c_index": concordance_index(risk, time, event),
+        "n": float(len(risk)),
+        "n_events": float(np.asarray(event).sum()),
+    }
+
+
+def logrank_p(time: np.ndarray, event: np.ndarray, group: np.ndarray) -> float:
+    """Two-sided log-rank p-value between ``group`` True and False (NaN when undefined)."""
+    time, event, group = np.asarray(time, dtype=np.float64), np.asarray(event).astype(bool), np.asarray(group).astype(bool)
+    if group.all() or not group.any() or not event.any():
+        return math.nan
+    a, b = (stats.CensoredData(uncensored=time[g & event], right=time[g & ~event]) for g in (group, ~group))
+    return float(stats.logrank(a, b).pvalue)
 
 
 def bootstrap_ci(
@@ -87,14 +154,14 @@ def with_intervals(
     point = metric_fn(*arrays)
     ci = bootstrap_ci(metric_fn, *arrays, n_boot=n_boot, seed=seed)
     return {
-        k: {"value": v, "ci_low": ci[k][0], "ci_high": ci[k][1]} if k != "n" else {"value": v}
+        k: {"value": v, "ci_low": ci[k][0], "ci_high": ci[k][1]} if k not in COUNTS else {"value": v}
         for k, v in point.items()
     }
 
 
 def mean_std(per_fold: list[dict[str, float]]) -> dict[str, dict[str, float]]:
     """Mean and sample standard deviation of each metric across folds (NaNs ignored)."""
-    keys = [k for k in per_fold[0] if k != "n"]
+    keys = [k for k in per_fold[0] if k not in COUNTS]
     out = {}
     for k in keys:
         v = np.array([m[k] for m in per_fold], dtype=float)

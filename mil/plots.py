@@ -1,7 +1,10 @@
-"""ROC, precision-recall and calibration plots of a predictions table."""
+"""Plots of a predictions table: ROC, precision-recall, calibration, confusion matrix,
+regression scatter and Kaplan–Meier curves.
+"""
 
 from __future__ import annotations
 
+import warnings
 from pathlib import Path
 
 import matplotlib
@@ -90,5 +93,74 @@ def plot_calibration(
     ax.set(xlabel=f"Predicted P({classes[-1]})", ylabel="Observed fraction", xlim=(0, 1), ylim=(0, 1), title="Calibration")
     ax.legend(loc="upper left", fontsize=8)
     path = Path(out_dir) / "calibration.png"
+    _save(fig, path)
+    return path
+
+
+def plot_confusion(y: np.ndarray, pred: np.ndarray, classes: list[str], path: str | Path, title: str = "") -> Path:
+    """Confusion matrix: counts in the cells, colour = fraction of the true class (row)."""
+    n = len(classes)
+    counts = np.zeros((n, n), dtype=int)
+    np.add.at(counts, (np.asarray(y, dtype=int), np.asarray(pred, dtype=int)), 1)
+    rows = counts / np.maximum(counts.sum(axis=1, keepdims=True), 1)
+    fig, ax = plt.subplots(figsize=(1.2 * n + 2.5, 1.2 * n + 2))
+    ax.imshow(rows, cmap="Blues", vmin=0, vmax=1)
+    for i in range(n):
+        for j in range(n):
+            ax.text(j, i, f"{counts[i, j]}\n{rows[i, j]:.0%}", ha="center", va="center", fontsize=8,
+                    color="white" if rows[i, j] > 0.6 else "black")
+    ax.set(xticks=range(n), yticks=range(n), xlabel="Predicted", ylabel="True", title=title or "Confusion matrix")
+    ax.set_xticklabels(classes, rotation=30, ha="right")
+    ax.set_yticklabels(classes)
+    path = Path(path)
+    _save(fig, path)
+    return path
+
+
+def plot_scatter(predictions: pd.DataFrame, target: str, prediction: str, path: str | Path, title: str = "") -> Path:
+    """Predicted against true values, one colour per fold, with the identity line."""
+    fig, ax = plt.subplots(figsize=(5, 5))
+    groups = predictions.groupby("fold", sort=True) if "fold" in predictions else [("all", predictions)]
+    for fold, df in groups:
+        ax.scatter(df[target], df[prediction], s=14, alpha=0.7, label=str(fold))
+    both = np.concatenate([predictions[target].to_numpy(float), predictions[prediction].to_numpy(float)])
+    lo, hi = np.nanmin(both), np.nanmax(both)
+    ax.plot([lo, hi], [lo, hi], ls="--", color="grey", lw=1)
+    ax.set(xlabel=f"True {target}", ylabel=f"Predicted {target}", title=title or target)
+    ax.legend(loc="upper left", fontsize=7)
+    path = Path(path)
+    _save(fig, path)
+    return path
+
+
+def plot_km(
+    time: np.ndarray, event: np.ndarray, high: np.ndarray, p_value: float, path: str | Path, title: str = "", xlabel: str = "Time"
+) -> Path:
+    """Kaplan–Meier curves (with 95% bands) of the high- and low-risk groups, log-rank p in the title."""
+    from scipy import stats
+
+    time, event, high = np.asarray(time, float), np.asarray(event).astype(bool), np.asarray(high).astype(bool)
+    fig, ax = plt.subplots(figsize=(6, 4.5))
+    for name, group, color in (("low risk", ~high, "tab:blue"), ("high risk", high, "tab:red")):
+        if not group.any():
+            continue
+        data = stats.CensoredData(uncensored=time[group & event], right=time[group & ~event])
+        sf = stats.ecdf(data).sf
+        x = np.concatenate([[0.0], sf.quantiles])
+        y = np.concatenate([[1.0], sf.probabilities])
+        ax.step(x, y, where="post", color=color, lw=2, label=f"{name} (n={group.sum()}, {(group & event).sum()} events)")
+        if len(sf.quantiles) > 1:
+            with warnings.catch_warnings():  # undefined where the curve reaches 0; drawn as far as it exists
+                warnings.simplefilter("ignore", RuntimeWarning)
+                band = sf.confidence_interval(0.95)
+            lo = np.concatenate([[1.0], band.low.evaluate(sf.quantiles)])
+            hi = np.concatenate([[1.0], band.high.evaluate(sf.quantiles)])
+            ax.fill_between(x, lo, hi, step="post", color=color, alpha=0.15, lw=0)
+        censored = time[group & ~event]
+        ax.plot(censored, sf.evaluate(censored), "|", color=color, ms=7)
+    p_text = "n/a" if p_value != p_value else f"{p_value:.3g}"
+    ax.set(xlabel=xlabel, ylabel="Survival probability", ylim=(0, 1.02), title=f"{title or 'Kaplan–Meier'} (log-rank p = {p_text})")
+    ax.legend(loc="lower left", fontsize=8)
+    path = Path(path)
     _save(fig, path)
     return path

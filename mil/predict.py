@@ -1,26 +1,30 @@
 """`mil predict`: apply a trained run (one model or a cross-validation ensemble) to a new cohort.
 
-The run folder carries everything prediction needs: the resolved training config, the class
-order, the feature dimension and the encoder identity of the bags it was trained on. The new
-cohort is described by ``cohort.*`` overrides (or a YAML); everything else comes from the run.
+The run folder carries everything prediction needs: the resolved training config, the task
+(type, label columns, class order), the feature dimension and the encoder identity of the bags
+it was trained on. The new cohort is described by ``cohort.*`` overrides (or a YAML);
+everything else comes from the run. A fold ensemble averages each prediction column over the
+folds' models (probabilities, regression predictions, centred risks).
 """
 
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
 from omegaconf import DictConfig, OmegaConf
 
-from mil.cohort import Cohort, load_cohort
+from mil.cohort import Cohort, LabelColumn, load_cohort
 from mil.config import ConfigError, load_config
 from mil.crossval import id_columns, is_main_process, load_run_model, predictions_frame
-from mil.inference import predict_bags, resolve_device
+from mil.inference import resolve_device
 from mil.io import atomic_path, write_text
 from mil.report import write_report
+from mil.tasks import Task, task_class, task_from_meta
+from mil.training import predict_outputs
 
 logger = logging.getLogger(__name__)
 
@@ -41,6 +45,10 @@ class Run:
     @property
     def classes(self) -> list[str]:
         return [str(c) for c in self.meta.classes]
+
+    @property
+    def task(self) -> Task:
+        return task_from_meta(self.meta, self.config)
 
 
 def load_run(run_dir: str | Path) -> Run:
@@ -78,10 +86,19 @@ def check_compatible(run: Run, cohort: Cohort) -> None:
 def prediction_config(run: Run, overrides: list[str]) -> DictConfig:
     """The run's config with the new cohort and output folder merged in; class order pinned."""
     cfg = load_config(overrides, base=run.config)
-    cfg.cohort.classes = run.classes
+    if cfg.task.type != run.task.name:
+        raise ConfigError(f"task.type={cfg.task.type!r}, but the run {run.path} was trained for {run.task.name!r}")
+    if run.task.name == "classification":
+        cfg.cohort.classes = run.classes
     if cfg.output_dir == run.config.output_dir:
         raise ConfigError("set output_dir=... for the predictions (it would overwrite the training run)")
     return cfg
+
+
+def prediction_columns(run: Run, cfg: DictConfig) -> list[LabelColumn]:
+    """The label columns named by ``cfg`` (renaming allowed), with the run's class orders."""
+    named = task_class(cfg).label_columns(cfg)
+    return [replace(c, classes=trained.classes) for c, trained in zip(named, run.task.columns, strict=True)]
 
 
 def run_predict(run_dir: str | Path, overrides: list[str]) -> Path:
@@ -89,32 +106,34 @@ def run_predict(run_dir: str | Path, overrides: list[str]) -> Path:
     run = load_run(run_dir)
     cfg = prediction_config(run, overrides)
     out = Path(cfg.output_dir)
-    cohort = load_cohort(cfg.cohort, require_labels=False)
+    columns = prediction_columns(run, cfg)
+    task = task_class(cfg)(columns, cfg)
+    cohort = load_cohort(cfg.cohort, require_labels=False, columns=columns)
     check_compatible(run, cohort)
     device = resolve_device(cfg.trainer.accelerator)
-    probs = []
-    columns: dict[str, np.ndarray] = {}
+    per_model: dict[str, dict[str, np.ndarray]] = {}
     for name, path in run.weights.items():
-        p = predict_bags(load_run_model(run.path, path), cohort.bags, cfg.train.eval_batch_size, device, cfg.train.precision)
-        probs.append(p)
-        if len(run.weights) > 1:
-            for i, c in enumerate(run.classes):
-                columns[f"{name}.prob_{c}"] = p[:, i]
+        outputs = predict_outputs(load_run_model(run.path, path), cohort.bags, cfg.train.eval_batch_size, device, cfg.train.precision)
+        per_model[name] = task.predictions(outputs)
         logger.info("%s: predicted %d bags", name, len(cohort.bags))
-    df = predictions_frame(cfg, run.classes, cohort.bags, np.mean(probs, axis=0))
-    df = pd.concat([df, pd.DataFrame(columns, index=df.index)], axis=1)
+    ensemble = {c: np.mean([p[c] for p in per_model.values()], axis=0) for c in task.prediction_names}
+    df = predictions_frame(cfg, task, cohort.bags, ensemble)
+    if len(per_model) > 1:
+        each = {f"{name}.{c}": values for name, p in per_model.items() for c, values in p.items()}
+        df = pd.concat([df, pd.DataFrame(each, index=df.index)], axis=1)
     if not is_main_process():
         return out
     out.mkdir(parents=True, exist_ok=True)
     with atomic_path(out / "predictions.csv") as tmp:
         df.to_csv(tmp, index=False)
-    meta = {"kind": "predict", "run": str(run.path), "target": cfg.cohort.target, "classes": run.classes, "models": list(run.weights)}
+    meta = {"kind": "predict", "run": str(run.path), **task.metadata(), "models": list(run.weights),
+            "bootstrap": {"n": cfg.cv.bootstrap, "seed": cfg.cv.seed}}
     write_text(out / "run.yaml", OmegaConf.to_yaml(OmegaConf.create(meta)))
-    labelled = df[cfg.cohort.target].notna().sum() if cfg.cohort.target in df else 0
+    labelled = task.labelled(df)
     if labelled:
-        result = write_report(df, cfg.cohort.target, run.classes, out, id_columns(cfg), n_boot=cfg.cv.bootstrap, seed=cfg.cv.seed)
-        a = result["pooled"]["auroc"]
-        logger.info("external AUROC %.3f [%.3f, %.3f] on %d labelled bags", a["value"], a["ci_low"], a["ci_high"], labelled)
+        result = write_report(df, task.columns[0].name, run.classes, out, id_columns(cfg),
+                              n_boot=cfg.cv.bootstrap, seed=cfg.cv.seed, task=task)
+        logger.info("external cohort, %d labelled bags: %s", labelled, task.headline(result))
     else:
         logger.info("no labels in the cohort: wrote predictions only")
     return out

@@ -1,9 +1,18 @@
-"""Metrics files and plots for any predictions table (cross-validation or external cohort)."""
+"""Metrics files and plots for any predictions table (cross-validation or external cohort).
+
+Every task reports the same way: metrics per test fold (when a ``fold`` column exists) with
+mean ± std across folds, and metrics of the pooled predictions with percentile-bootstrap 95%
+intervals, in ``metrics.json`` and ``summary.md``, plus the task's plots. Classification is
+written here; other tasks' reports (in :mod:`mil.tasks`) reuse :func:`evaluate` and
+:func:`format_summary`.
+"""
 
 from __future__ import annotations
 
 import logging
 import math
+from collections.abc import Callable
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -11,13 +20,73 @@ import numpy as np
 import pandas as pd
 
 from mil.io import write_json, write_text
-from mil.metrics import CLASSIFICATION_METRICS, classification_metrics, mean_std, with_intervals
-from mil.plots import plot_calibration, plot_curves
+from mil.metrics import COUNTS, classification_metrics, mean_std, with_intervals
+from mil.plots import plot_calibration, plot_confusion, plot_curves
 
 logger = logging.getLogger(__name__)
 
 
-def _arrays(df: pd.DataFrame, target: str, classes: list[str]) -> tuple[np.ndarray, np.ndarray]:
+def pool_repeats(df: pd.DataFrame, id_columns: list[str], truth: list[str], outputs: list[str]) -> pd.DataFrame:
+    """One row per bag: predictions averaged over repeated cross-validations."""
+    if "repeat" not in df or df["repeat"].nunique() <= 1:
+        return df
+    agg = {**{t: "first" for t in truth}, **{o: "mean" for o in outputs}}
+    return df.groupby(id_columns, sort=False).agg(agg).reset_index()
+
+
+def evaluate(
+    predictions: pd.DataFrame,
+    id_columns: list[str],
+    truth: list[str],
+    outputs: list[str],
+    metric_fn: Callable[..., dict[str, float]],
+    arrays: Callable[[pd.DataFrame], tuple[np.ndarray, ...]],
+    n_boot: int,
+    seed: int,
+) -> tuple[dict[str, Any], pd.DataFrame]:
+    """``{"folds", "across_folds", "pooled"}`` of ``metric_fn(*arrays(rows))``, and the pooled rows."""
+    result: dict[str, Any] = {}
+    if "fold" in predictions:
+        folds = {str(f): metric_fn(*arrays(df)) for f, df in predictions.groupby("fold", sort=True)}
+        result["folds"] = folds
+        result["across_folds"] = mean_std(list(folds.values()))
+    pooled = pool_repeats(predictions, id_columns, truth, outputs)
+    result["pooled"] = with_intervals(metric_fn, *arrays(pooled), n_boot=n_boot, seed=seed)
+    return result, pooled
+
+
+def _fmt(x: float | None) -> str:
+    return "n/a" if x is None or (isinstance(x, float) and math.isnan(x)) else f"{x:.3f}"
+
+
+def format_summary(result: dict[str, Any], title: str | None = None) -> str:
+    """A markdown table of the pooled metrics (with intervals) and the per-fold metrics."""
+    title = title or f"{result['target']} ({' / '.join(result['classes'])})"
+    pooled = result["pooled"]
+    names = [k for k in pooled if k not in COUNTS and "ci_low" in pooled[k]]
+    extra = [k for k in pooled if k not in COUNTS and k not in names]  # single values, e.g. a log-rank p
+    counts = ", ".join(f"{int(pooled[k]['value'])} {'events' if k == 'n_events' else 'bags'}" for k in COUNTS if k in pooled)
+    lines = [f"# {title}", "", f"Pooled over {counts}, 95% bootstrap intervals ({result['n_bootstrap']} resamples):", ""]
+    folds = "across_folds" in result
+    lines += ["| metric | pooled [95% CI] |" + (" mean ± std across folds |" if folds else ""), "|---|---|" + ("---|" if folds else "")]
+    for m in names:
+        p = pooled[m]
+        row = f"| {m} | {_fmt(p['value'])} [{_fmt(p['ci_low'])}, {_fmt(p['ci_high'])}] |"
+        if folds:
+            a = result["across_folds"][m]
+            row += f" {_fmt(a['mean'])} ± {_fmt(a['std'])} |"
+        lines.append(row)
+    for m in extra:  # shown to 3 significant digits: p-values can be tiny
+        value = pooled[m]["value"]
+        lines.append(f"| {m} | {'n/a' if value is None or math.isnan(value) else f'{value:.3g}'} |" + (" |" if folds else ""))
+    if "folds" in result:
+        lines += ["", "| fold | n | " + " | ".join(names) + " |", "|---" * (len(names) + 2) + "|"]
+        for fold, m in result["folds"].items():
+            lines.append(f"| {fold} | {int(m['n'])} | " + " | ".join(_fmt(m.get(k)) for k in names) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def _class_arrays(df: pd.DataFrame, target: str, classes: list[str]) -> tuple[np.ndarray, np.ndarray]:
     index = {c: i for i, c in enumerate(classes)}
     y = df[target].astype(str).map(index)
     if y.isna().any():
@@ -26,12 +95,31 @@ def _arrays(df: pd.DataFrame, target: str, classes: list[str]) -> tuple[np.ndarr
     return y.to_numpy().astype(int), df[[f"prob_{c}" for c in classes]].to_numpy()
 
 
-def pool_repeats(df: pd.DataFrame, id_columns: list[str], target: str, classes: list[str]) -> pd.DataFrame:
-    """One row per bag: probabilities averaged over repeated cross-validations."""
-    if "repeat" not in df or df["repeat"].nunique() <= 1:
-        return df
+def classification_report(
+    predictions: pd.DataFrame,
+    target: str,
+    classes: list[str],
+    out_dir: str | Path,
+    id_columns: list[str],
+    n_boot: int = 1000,
+    seed: int = 0,
+) -> dict[str, Any]:
+    """``metrics.json``, ``summary.md``, ``roc.png``, ``pr.png``, ``confusion.png`` (+ ``calibration.png`` if binary)."""
+    out_dir = Path(out_dir)
+    labelled = predictions[predictions[target].notna()]
     probs = [f"prob_{c}" for c in classes]
-    return df.groupby(id_columns, sort=False).agg({target: "first", **{p: "mean" for p in probs}}).reset_index()
+    metric_fn = partial(classification_metrics, classes=classes)
+    result: dict[str, Any] = {"task": "classification", "target": target, "classes": classes, "n_bootstrap": n_boot}
+    found, pooled = evaluate(labelled, id_columns, [target], probs, metric_fn,
+                             lambda df: _class_arrays(df, target, classes), n_boot, seed)
+    result.update(found)
+    write_json(out_dir / "metrics.json", result)
+    write_text(out_dir / "summary.md", format_summary(result))
+    plot_curves(pooled if "repeat" in labelled and labelled["repeat"].nunique() > 1 else labelled, target, classes, out_dir)
+    plot_calibration(pooled, target, classes, out_dir)
+    y, p = _class_arrays(pooled, target, classes)
+    plot_confusion(y, p.argmax(axis=1), classes, out_dir / "confusion.png", title=target)
+    return result
 
 
 def write_report(
@@ -42,53 +130,16 @@ def write_report(
     id_columns: list[str],
     n_boot: int = 1000,
     seed: int = 0,
+    task: Any = None,
 ) -> dict[str, Any]:
-    """Write ``metrics.json``, ``summary.md``, ``roc.png``, ``pr.png`` and ``calibration.png``.
+    """Write the metrics files and plots of ``predictions``.
 
-    Per-fold metrics (when a ``fold`` column exists) with mean ± std, and the pooled
-    predictions' metrics with percentile-bootstrap 95% intervals.
+    Without ``task`` the table is a single-label classification of ``target`` over
+    ``classes``; with a :class:`mil.tasks.Task`, that task's report is written.
     """
-    out_dir = Path(out_dir)
-    labelled = predictions[predictions[target].notna()]
-    result: dict[str, Any] = {"target": target, "classes": classes, "n_bootstrap": n_boot}
-    if "fold" in labelled:
-        folds = {}
-        for fold, df in labelled.groupby("fold", sort=True):
-            folds[str(fold)] = classification_metrics(*_arrays(df, target, classes))
-        result["folds"] = folds
-        result["across_folds"] = mean_std(list(folds.values()))
-    pooled = pool_repeats(labelled, id_columns, target, classes)
-    result["pooled"] = with_intervals(classification_metrics, *_arrays(pooled, target, classes), n_boot=n_boot, seed=seed)
-    write_json(out_dir / "metrics.json", result)
-    write_text(out_dir / "summary.md", format_summary(result))
-    plot_curves(pooled if "repeat" in labelled and labelled["repeat"].nunique() > 1 else labelled, target, classes, out_dir)
-    plot_calibration(pooled, target, classes, out_dir)
-    return result
-
-
-def _fmt(x: float) -> str:
-    return "n/a" if x is None or (isinstance(x, float) and math.isnan(x)) else f"{x:.3f}"
-
-
-def format_summary(result: dict[str, Any]) -> str:
-    """A markdown table of the headline metrics."""
-    lines = [f"# {result['target']} ({' / '.join(result['classes'])})", ""]
-    pooled = result["pooled"]
-    lines += [f"Pooled over {int(pooled['n']['value'])} bags, 95% bootstrap intervals ({result['n_bootstrap']} resamples):", ""]
-    header = "| metric | pooled [95% CI] |" + (" mean ± std across folds |" if "across_folds" in result else "")
-    lines += [header, "|---|---|" + ("---|" if "across_folds" in result else "")]
-    for m in CLASSIFICATION_METRICS:
-        p = pooled[m]
-        row = f"| {m} | {_fmt(p['value'])} [{_fmt(p['ci_low'])}, {_fmt(p['ci_high'])}] |"
-        if "across_folds" in result:
-            a = result["across_folds"][m]
-            row += f" {_fmt(a['mean'])} ± {_fmt(a['std'])} |"
-        lines.append(row)
-    if "folds" in result:
-        lines += ["", "| fold | n | " + " | ".join(CLASSIFICATION_METRICS) + " |", "|---" * (len(CLASSIFICATION_METRICS) + 2) + "|"]
-        for fold, m in result["folds"].items():
-            lines.append(f"| {fold} | {int(m['n'])} | " + " | ".join(_fmt(m[k]) for k in CLASSIFICATION_METRICS) + " |")
-    return "\n".join(lines) + "\n"
+    if task is None:
+        return classification_report(predictions, target, classes, out_dir, id_columns, n_boot, seed)
+    return task.report(predictions, Path(out_dir), id_columns, n_boot, seed)
 
 
 def report_predictions(
@@ -96,9 +147,14 @@ def report_predictions(
 ) -> Path:
     """`mil report`: metrics and plots for a predictions CSV or a run folder holding one.
 
-    Target and class order come from the run's ``run.yaml`` when the CSV sits in a run folder.
+    The task (type, label columns, class order) and the bootstrap settings come from the
+    run's ``run.yaml`` when the CSV sits in a run folder; otherwise the table is read as a classification of
+    ``target`` (or a regression when it has a ``pred_<target>`` column).
     """
     from omegaconf import OmegaConf
+
+    from mil.cohort import LabelColumn
+    from mil.tasks import TASKS, task_from_meta
 
     source = Path(source)
     csv = source / "predictions.csv" if source.is_dir() else source
@@ -109,15 +165,26 @@ def report_predictions(
     target = target or (meta.target if meta is not None else None)
     if not target:
         raise ValueError(f"{csv}: pass --target (no run.yaml beside it names the label column)")
-    df = pd.read_csv(csv, dtype={target: str})
-    if target not in df:
-        raise ValueError(f"{csv} has no label column {target!r}; columns are {list(df.columns)}")
-    prob_classes = [c[len("prob_"):] for c in df.columns if c.startswith("prob_")]
-    classes = list(classes or (list(meta.classes) if meta is not None else prob_classes))
-    missing = [c for c in classes if f"prob_{c}" not in df]
+    header = pd.read_csv(csv, nrows=0).columns
+    if meta is not None and "columns" in meta and target == meta.target:
+        task = task_from_meta(meta)
+        if classes and task.name == "classification":
+            task = TASKS.get("classification")([LabelColumn(target, classes=list(classes))])
+    elif f"pred_{target}" in header:
+        task = TASKS.get("regression")([LabelColumn(target, "number")])
+    else:
+        prob_classes = [c[len("prob_"):] for c in header if c.startswith("prob_")]
+        found = list(classes or (list(meta.classes) if meta is not None and target == meta.target else prob_classes))
+        task = TASKS.get("classification")([LabelColumn(target, classes=[str(c) for c in found])])
+    missing = [c for c in task.truth_names + task.prediction_names if c not in header]
     if missing:
-        raise ValueError(f"{csv} has no probability column for class(es) {missing}")
-    ids = [c for c in df.columns if c not in (target, "fold", "repeat") and "prob_" not in c]
+        raise ValueError(f"{csv} has no column(s) {missing} for the {task.name} task; columns are {list(header)}")
+    outputs = task.truth_names + task.prediction_names
+    ids = [c for c in header
+           if c not in (*outputs, "fold", "repeat") and not any(c.endswith(f".{p}") for p in task.prediction_names)]
+    df = pd.read_csv(csv, dtype={**task.csv_dtypes(), **{c: str for c in ids}})
     out = Path(out_dir) if out_dir else csv.parent
-    write_report(df, target, classes, out, ids)
+    boot = meta.get("bootstrap", {}) if meta is not None else {}
+    write_report(df, target, task.columns[0].classes or [], out, ids,
+                 n_boot=int(boot.get("n", 1000)), seed=int(boot.get("seed", 0)), task=task)
     return out

@@ -1,115 +1,89 @@
-"""Lightning training of an aggregator on bags: the LightningModule and a ``fit`` helper.
+"""Lightning training of an aggregator on bags: the LightningModule, ``fit`` and prediction.
 
-The network is a plain ``nn.Module`` from :mod:`mil.models`, passed in; this module owns the
-loss, optimiser, metrics, early stopping and the choice of the best epoch on the
+The network is a plain ``nn.Module`` from :mod:`mil.models`, passed in; the task
+(:mod:`mil.tasks`) supplies the loss, the validation metrics and the meaning of the outputs;
+this module owns the optimiser, early stopping and the choice of the best epoch on the
 validation split.
 """
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import logging
 from pathlib import Path
 from typing import Any
 
 import lightning as L
+import numpy as np
 import torch
-import torch.nn.functional as F
 from lightning.pytorch.callbacks import Callback, EarlyStopping
 from omegaconf import DictConfig
 from torch import nn
-from torchmetrics import MetricCollection
-from torchmetrics.classification import (
-    BinaryAUROC,
-    BinaryAveragePrecision,
-    BinaryF1Score,
-    MulticlassAccuracy,
-    MulticlassAUROC,
-    MulticlassAveragePrecision,
-    MulticlassF1Score,
-)
 
 from mil.cohort import Bag
 from mil.data import BagDataset, make_loader
 from mil.losses import AUX_LOSSES
+from mil.tasks import Task
 
 logger = logging.getLogger(__name__)
 
-MONITOR_MODES = {"val_loss": "min", "val_auroc": "max", "val_ap": "max", "val_balanced_accuracy": "max", "val_f1": "max"}
-
-
-def _metrics(n_classes: int) -> MetricCollection:
-    if n_classes == 2:
-        return MetricCollection(
-            {
-                "auroc": BinaryAUROC(),
-                "ap": BinaryAveragePrecision(),
-                "balanced_accuracy": MulticlassAccuracy(num_classes=2, average="macro"),
-                "f1": BinaryF1Score(),
-            }
-        )
-    return MetricCollection(
-        {
-            "auroc": MulticlassAUROC(num_classes=n_classes),
-            "ap": MulticlassAveragePrecision(num_classes=n_classes),
-            "balanced_accuracy": MulticlassAccuracy(num_classes=n_classes, average="macro"),
-            "f1": MulticlassF1Score(num_classes=n_classes, average="macro"),
-        }
-    )
-
 
 class MILModule(L.LightningModule):
-    """Classification training of a MIL aggregator with cross-entropy (+ its auxiliary loss)."""
+    """Trains a MIL aggregator on a task's loss (+ the model's auxiliary loss where it applies)."""
 
     def __init__(
         self,
         model: nn.Module,
-        n_classes: int,
+        task: Task,
+        loss: nn.Module,
         lr: float = 2e-4,
         weight_decay: float = 1e-2,
-        class_weights: list[float] | None = None,
         scheduler: str = "cosine",
         max_epochs: int = 40,
         aux_loss_weight: float | None = None,
     ) -> None:
         super().__init__()
-        self.save_hyperparameters(ignore=["model"])
-        self.model = model
-        self.register_buffer(
-            "class_weights", torch.tensor(class_weights, dtype=torch.float32) if class_weights else None
-        )
+        self.save_hyperparameters(ignore=["model", "task", "loss"])
+        self.model, self.task, self.loss = model, task, loss
         aux_name = getattr(model, "aux_loss", None)
+        if aux_name and not task.supports_aux_loss:
+            logger.info("the auxiliary loss %r of the model applies to classification only: not used", aux_name)
+            aux_name = None
         self.aux_loss = AUX_LOSSES.get(aux_name) if aux_name else None
         self.aux_weight = aux_loss_weight if aux_loss_weight is not None else getattr(model, "aux_loss_weight", 1.0)
-        self.val_metrics = _metrics(n_classes).clone(prefix="val_")
+        self.val_metrics = task.make_metrics()
 
     def forward(self, features: torch.Tensor, mask: torch.Tensor):
         return self.model(features.float(), mask)
 
-    def _step(self, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+    def compute_loss(self, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+        """The task loss (+ auxiliary loss in training) and the float logits of a batch."""
         out = self(batch["features"], batch["mask"])
-        y = batch["target"].long()
-        loss = F.cross_entropy(out.logits.float(), y, weight=self.class_weights)
+        logits, y = out.logits.float(), batch["target"]
+        loss = self.loss(logits, y)
         if self.aux_loss is not None and self.training:
-            aux = self.aux_loss(out, y, batch["mask"], **getattr(self.model, "aux_loss_kwargs", {}))
+            aux = self.aux_loss(out, y.long(), batch["mask"], **getattr(self.model, "aux_loss_kwargs", {}))
             loss = loss + self.aux_weight * aux
-        return loss, out.logits.float()
+        return loss, logits
 
     def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
-        loss, _ = self._step(batch)
+        loss, _ = self.compute_loss(batch)
         self.log("train_loss", loss, on_step=False, on_epoch=True, prog_bar=True, batch_size=len(batch["target"]))
         return loss
 
     def validation_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> None:
-        loss, logits = self._step(batch)
-        probs = logits.softmax(-1)
-        y = batch["target"].long()
-        self.val_metrics.update(probs[:, 1] if self.hparams.n_classes == 2 else probs, y)
-        self.log("val_loss", loss, on_epoch=True, prog_bar=True, batch_size=len(y), sync_dist=True)
+        loss, logits = self.compute_loss(batch)
+        self.val_metrics.update(logits, batch["target"])
+        if not self.task.epoch_loss:
+            self.log("val_loss", loss, on_epoch=True, prog_bar=True, batch_size=len(logits), sync_dist=True)
 
     def on_validation_epoch_end(self) -> None:
-        self.log_dict(self.val_metrics.compute(), prog_bar=False)
+        values = self.val_metrics.compute()
         self.val_metrics.reset()
+        if self.task.epoch_loss:  # e.g. Cox: risk sets span the whole validation split
+            self.log("val_loss", values.pop("loss"), prog_bar=True)
+        self.log_dict({f"val_{k}": v for k, v in values.items()}, prog_bar=False)
 
     def configure_optimizers(self) -> Any:
         opt = torch.optim.AdamW(self.model.parameters(), lr=self.hparams.lr, weight_decay=self.hparams.weight_decay)
@@ -140,13 +114,6 @@ class BestWeights(Callback):
             self.state = {k: v.detach().cpu().clone() for k, v in pl_module.model.state_dict().items()}
 
 
-def class_weights(labels: torch.Tensor, n_classes: int) -> list[float]:
-    """Inverse-frequency weights, normalised to mean 1."""
-    counts = torch.bincount(labels, minlength=n_classes).float().clamp(min=1)
-    w = counts.sum() / (n_classes * counts)
-    return w.tolist()
-
-
 def _logger(cfg: DictConfig, out_dir: Path) -> Any:
     kind = cfg.trainer.logger
     if kind == "none":
@@ -169,33 +136,34 @@ def _logger(cfg: DictConfig, out_dir: Path) -> Any:
 def fit(
     cfg: DictConfig,
     model: nn.Module,
+    task: Task,
     train_bags: list[Bag],
     train_targets: torch.Tensor,
     val_bags: list[Bag],
     val_targets: torch.Tensor,
-    n_classes: int,
     out_dir: Path,
     seed: int,
 ) -> tuple[nn.Module, dict[str, Any]]:
-    """Train ``model`` on the training bags, choosing the epoch on the validation bags.
+    """Train ``model`` on the training bags for ``task``, choosing the epoch on the validation bags.
 
     Returns the network with the best epoch's weights and a summary of the run.
     """
     t = cfg.train
-    if t.monitor not in MONITOR_MODES:
-        raise ValueError(f"train.monitor must be one of {sorted(MONITOR_MODES)}, got {t.monitor!r}")
+    modes = task.monitor_modes
+    if t.monitor not in modes:
+        raise ValueError(f"train.monitor must be one of {sorted(modes)} for task.type={task.name}, got {t.monitor!r}")
     L.seed_everything(seed, workers=True, verbose=False)
     module = MILModule(
         model,
-        n_classes=n_classes,
+        task,
+        task.make_loss(train_targets),
         lr=t.lr,
         weight_decay=t.weight_decay,
-        class_weights=class_weights(train_targets, n_classes) if t.class_weighted else None,
         scheduler=t.scheduler,
         max_epochs=t.max_epochs,
         aux_loss_weight=t.aux_loss_weight,
     )
-    mode = MONITOR_MODES[t.monitor]
+    mode = modes[t.monitor]
     best = BestWeights(t.monitor, mode)
     callbacks = [best, EarlyStopping(t.monitor, mode=mode, patience=t.patience, check_finite=False)]
     trainer = L.Trainer(
@@ -227,3 +195,30 @@ def fit(
     summary = {"best_epoch": best.best_epoch, f"best_{t.monitor}": best.best, "epochs_run": trainer.current_epoch}
     logger.info("best epoch %d (%s=%.4f) of %d", best.best_epoch, t.monitor, best.best, trainer.current_epoch)
     return trained, summary
+
+
+@torch.inference_mode()
+def predict_outputs(
+    model: nn.Module,
+    bags: list[Bag],
+    batch_size: int = 1,
+    device: torch.device | str = "cpu",
+    precision: str = "32-true",
+    num_workers: int = 0,
+) -> np.ndarray:
+    """Raw outputs [n_bags, n_outputs] (float32) of full bags, in the order of ``bags``.
+
+    Tasks turn them into prediction columns (:meth:`mil.tasks.Task.predictions`).
+    """
+    device = torch.device(device)
+    model = model.to(device).eval()
+    autocast = (
+        torch.autocast(device.type, dtype=torch.bfloat16) if precision.startswith("bf16") else contextlib.nullcontext()
+    )
+    loader = make_loader(BagDataset(bags), batch_size, shuffle=False, num_workers=num_workers)
+    out = []
+    for batch in loader:
+        with autocast:
+            logits = model(batch["features"].to(device).float(), batch["mask"].to(device)).logits
+        out.append(logits.float().cpu())
+    return torch.cat(out).numpy()

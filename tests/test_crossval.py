@@ -12,6 +12,7 @@ import pytest
 from omegaconf import OmegaConf
 
 import mil.crossval
+import mil.inference
 from mil.cohort import load_cohort
 from mil.config import ConfigError, load_config
 from mil.crossval import run_crossval, run_train
@@ -49,7 +50,7 @@ def test_no_patient_leaks_and_test_fold_untouched_until_evaluation(tmp_path, coh
     events: list[tuple[str, str]] = []
     import mil.data
 
-    real_read, real_predict = mil.data.read_features, mil.crossval.predict_bags
+    real_read, real_predict = mil.data.read_features, mil.crossval.predict_outputs
 
     def read(path, *a, **kw):
         events.append(("read", path.stem.split("-")[0]))
@@ -60,7 +61,7 @@ def test_no_patient_leaks_and_test_fold_untouched_until_evaluation(tmp_path, coh
         return real_predict(model, bags, *a, **kw)
 
     monkeypatch.setattr(mil.data, "read_features", read)
-    monkeypatch.setattr(mil.crossval, "predict_bags", predict)
+    monkeypatch.setattr(mil.crossval, "predict_outputs", predict)
     out = run_crossval(_cfg(tmp_path, cohort_overrides, fast_overrides))
     folds = load_splits(out / "splits.yaml", set(pd.read_csv(out / "predictions.csv").patient_id))
     # Split events by evaluation markers: segment k holds fold k's training then its evaluation.
@@ -174,5 +175,5 @@ def test_every_registered_model_trains(tmp_path, cohort_overrides, fast_override
                "model.args={hidden_dim: 16}")
     out = run_train(cfg)
     model = mil.crossval.load_run_model(out, out / "model.safetensors")
-    probs = mil.crossval.predict_bags(model, load_cohort(cfg.cohort).bags[:3])
+    probs = mil.inference.predict_bags(model, load_cohort(cfg.cohort).bags[:3])
     assert probs.shape == (3, 2) and abs(probs.sum(1) - 1).max() < 1e-5

@@ -1,0 +1,147 @@
+"""Each task type end to end on a planted-signal cohort: cross-validation, `mil predict`, `mil report`.
+
+The cohorts (``mil.tasks.synthetic``) plant a signal whose strength sets the label, so each
+task must train to a clearly better-than-chance score: AUROC >= 0.85, Pearson >= 0.7, c-index >= 0.7.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+from omegaconf import OmegaConf
+
+import mil.crossval
+from mil.cohort import load_cohort
+from mil.config import load_config
+from mil.crossval import load_run_model, run_crossval
+from mil.predict import run_predict
+from mil.report import report_predictions
+from mil.splits import load_splits
+from mil.tasks import task_class
+from mil.tasks.synthetic import make_task_cohort
+from mil.training import predict_outputs
+
+EXAMPLES = Path(__file__).resolve().parents[1] / "configs" / "examples"
+FAST = ["model.args={hidden_dim: 32}", "cv.folds=3", "cv.bootstrap=100", "train.min_epochs=1", "train.batch_size=8",
+        "train.bag_size=32", "train.lr=3e-3", "train.precision=32-true", "trainer.accelerator=cpu",
+        "trainer.enable_progress_bar=false", "trainer.logger=none"]
+SETUPS = {  # the shipped example config, made fast; synthetic cohort kind, patients and options
+    "classification": ("grade_multiclass.yaml", "grade", 60, {}, ["train.max_epochs=20"]),
+    "multi_target": ("biomarkers_multi_target.yaml", "biomarkers", 90, {"missing": 0.2}, ["train.max_epochs=30"]),
+    "regression": ("tmb_regression.yaml", "tmb", 90, {}, ["train.max_epochs=40"]),
+    "survival": ("survival.yaml", "survival", 120, {}, ["train.batch_size=16", "train.max_epochs=60", "train.patience=20"]),
+}
+
+
+def _cohort(c):
+    return [f"cohort.clinical_csv={c.clinical_csv}", f"cohort.slide_csv={c.slide_csv}", f"cohort.features_dir={c.features_dir}"]
+
+
+@pytest.fixture(scope="module", params=list(SETUPS))
+def run(request, tmp_path_factory):
+    """A finished cross-validation of one task type, and an external cohort of the same kind."""
+    example, kind, n, options, overrides = SETUPS[request.param]
+    tmp = tmp_path_factory.mktemp(request.param)
+    cohort = make_task_cohort(tmp / "cohort", kind, n_patients=n, seed=0, **options)
+    external = make_task_cohort(tmp / "external", kind, n_patients=40, seed=7, prefix="X", **options)
+    cfg = load_config([str(EXAMPLES / example), *_cohort(cohort), *FAST, *overrides, f"output_dir={tmp / 'cv'}"])
+    assert cfg.task.type == request.param
+    out = run_crossval(cfg)
+    return request.param, cfg, out, external
+
+
+def _score(task: str, metrics: dict) -> dict[str, float]:
+    if task == "multi_target":
+        return {name: r["pooled"]["auroc"]["value"] for name, r in metrics["targets"].items()}
+    key = {"classification": "auroc", "regression": "pearson", "survival": "c_index"}[task]
+    return {key: metrics["pooled"][key]["value"]}
+
+
+THRESHOLDS = {"classification": 0.85, "multi_target": 0.85, "regression": 0.7, "survival": 0.7}
+
+
+def test_planted_signal_is_learned(run):
+    task, _cfg, out, _ = run
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["task"] == task
+    scores = _score(task, metrics)
+    assert min(scores.values()) >= THRESHOLDS[task], scores
+    if task == "classification":  # multi-class: macro one-vs-rest AUROC and per-class AUROC
+        assert {"auroc_G1", "auroc_G2", "auroc_G3", "balanced_accuracy", "accuracy"} <= set(metrics["pooled"])
+    if task == "survival":  # the median split of the training folds separates the curves
+        assert metrics["pooled"]["logrank_p"]["value"] < 0.01
+    if task == "regression":
+        assert {"spearman", "mae", "r2"} <= set(metrics["pooled"])
+        p = metrics["pooled"]["pearson"]
+        assert p["ci_low"] <= p["value"] <= p["ci_high"]
+
+
+def test_outputs_per_task(run):
+    task, cfg, out, _ = run
+    pred = pd.read_csv(out / "predictions.csv")
+    expected = {
+        "classification": ["patient_id", "fold", "grade", "prob_G1", "prob_G2", "prob_G3"],
+        "multi_target": ["patient_id", "fold", "MSI", "BRAF", "KRAS", "prob_MSI_MSS", "prob_MSI_MSI-H",
+                         "prob_BRAF_wild-type", "prob_BRAF_mutant", "prob_KRAS_wild-type", "prob_KRAS_mutant"],
+        "regression": ["patient_id", "fold", "TMB", "pred_TMB"],
+        "survival": ["patient_id", "fold", "OS_months", "OS_event", "risk"],
+    }[task]
+    assert list(pred.columns) == expected and pred.patient_id.is_unique
+    plots = {"classification": ["roc.png", "pr.png", "confusion.png"], "regression": ["scatter.png"], "survival": ["km.png"],
+             "multi_target": [f"{t}/{p}" for t in ("MSI", "BRAF", "KRAS") for p in ("roc.png", "confusion.png", "metrics.json")]}
+    for name in ["summary.md", "metrics.json", *plots[task]]:
+        assert (out / name).is_file(), name
+    meta = OmegaConf.load(out / "run.yaml")
+    assert meta.task == task
+    cohort = load_cohort(cfg.cohort, columns=task_class(cfg).label_columns(cfg))
+    folds = load_splits(out / "splits.yaml", set(cohort.patient_ids.tolist()))
+    if task == "multi_target":  # partially labelled patients are trained on and predicted
+        assert pred.BRAF.isna().sum() > 5 and pred[["MSI", "BRAF", "KRAS"]].notna().any(axis=1).all()
+        for f in folds:  # stratified on the first target
+            assert set(pred[pred.fold == f.name].MSI) == {"MSS", "MSI-H"}
+    if task == "survival":
+        rate = pred.OS_event.mean()
+        for f in folds:  # stratified on the event: every test fold has the cohort's event rate
+            assert abs(pred[pred.fold == f.name].OS_event.mean() - rate) < 0.03
+        fold = folds[0]  # risk is centred on the median of the fold model's training bags
+        model = load_run_model(out, out / fold.name / "model.safetensors")
+        train_risk = predict_outputs(model, cohort.subset(set(fold.train)))[:, 0]
+        assert abs(np.median(train_risk)) < 1e-4
+
+
+def test_predict_and_report(run, tmp_path):
+    task, _cfg, out, external = run
+    ext = run_predict(out, [*_cohort(external), f"output_dir={tmp_path / 'ext'}"])
+    pred = pd.read_csv(ext / "predictions.csv")
+    own = pd.read_csv(out / "predictions.csv", nrows=0).columns.drop("fold")
+    per_fold = [f"fold_{k}.{c}" for k in range(3) for c in own if c.startswith(("prob_", "pred_", "risk"))]
+    assert list(pred.columns) == [*own, *per_fold] and len(pred) == 40
+    first = next(c for c in own if c.startswith(("prob_", "pred_", "risk")))
+    np.testing.assert_allclose(pred[first], pred[[f"fold_{k}.{first}" for k in range(3)]].mean(axis=1), rtol=1e-6)
+    scores = _score(task, json.loads((ext / "metrics.json").read_text()))
+    assert min(scores.values()) >= THRESHOLDS[task] - 0.1, scores  # the signal transfers to new patients
+    if task == "regression":  # in the target's units
+        assert abs(pred.pred_TMB.mean() - pred.TMB.mean()) < 0.25 * pred.TMB.std()
+    # `mil report` rebuilds the task from run.yaml and recomputes the same metrics
+    for folder in (out, ext):
+        before = json.loads((folder / "metrics.json").read_text())
+        (folder / "metrics.json").unlink()
+        report_predictions(folder)
+        assert json.loads((folder / "metrics.json").read_text()) == before
+
+
+def test_rerun_keeps_every_finished_fold(run, monkeypatch):
+    """Resuming reads the finished folds back (label columns as written) and reports the same."""
+    _task, cfg, out, _ = run
+    before = [(out / name).read_text() for name in ("predictions.csv", "metrics.json")]
+
+    def no_training(*args, **kwargs):
+        raise AssertionError("a finished fold was trained again")
+
+    monkeypatch.setattr(mil.crossval, "run_fold", no_training)
+    run_crossval(cfg)
+    assert [(out / name).read_text() for name in ("predictions.csv", "metrics.json")] == before
