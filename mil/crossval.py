@@ -24,14 +24,14 @@ from omegaconf import DictConfig, OmegaConf
 from mil import __version__
 from mil.cohort import Bag, Cohort, load_cohort
 from mil.config import ConfigError, load_config, require, save_config
-from mil.inference import load_weights, resolve_device, save_weights
+from mil.inference import load_weights, predict_outputs, resolve_device, save_weights
 from mil.io import atomic_path, write_json, write_text
 from mil.models import create_model
 from mil.normalize import Standardized
 from mil.report import write_report
 from mil.splits import Fold, inner_split, load_splits, make_splits, save_splits
 from mil.tasks import Task, create_task, task_class, task_from_meta
-from mil.training import fit, predict_outputs
+from mil.training import fit
 
 logger = logging.getLogger(__name__)
 

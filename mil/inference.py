@@ -36,7 +36,7 @@ def resolve_device(accelerator: str = "auto") -> torch.device:
 
 
 @torch.inference_mode()
-def predict_bags(
+def predict_outputs(
     model: nn.Module,
     bags: list[Bag],
     batch_size: int = 1,
@@ -44,7 +44,10 @@ def predict_bags(
     precision: str = "32-true",
     num_workers: int = 0,
 ) -> np.ndarray:
-    """Softmax probabilities [n_bags, C] of full bags, in the order of ``bags``."""
+    """Raw outputs [n_bags, n_outputs] (float32) of full bags, in the order of ``bags``.
+
+    Tasks turn them into prediction columns (:meth:`mil.tasks.Task.predictions`).
+    """
     device = torch.device(device)
     model = model.to(device).eval()
     autocast = (
@@ -55,5 +58,10 @@ def predict_bags(
     for batch in loader:
         with autocast:
             logits = model(batch["features"].to(device).float(), batch["mask"].to(device)).logits
-        out.append(logits.float().softmax(-1).cpu())
+        out.append(logits.float().cpu())
     return torch.cat(out).numpy()
+
+
+def predict_bags(model: nn.Module, bags: list[Bag], *args, **kwargs) -> np.ndarray:
+    """Softmax probabilities [n_bags, C] of a classifier (arguments as :func:`predict_outputs`)."""
+    return torch.from_numpy(predict_outputs(model, bags, *args, **kwargs)).softmax(-1).numpy()

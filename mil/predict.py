@@ -20,11 +20,10 @@ from omegaconf import DictConfig, OmegaConf
 from mil.cohort import Cohort, LabelColumn, load_cohort
 from mil.config import ConfigError, load_config
 from mil.crossval import id_columns, is_main_process, load_run_model, predictions_frame
-from mil.inference import resolve_device
+from mil.inference import predict_outputs, resolve_device
 from mil.io import atomic_path, write_text
 from mil.report import write_report
 from mil.tasks import Task, task_class, task_from_meta
-from mil.training import predict_outputs
 
 logger = logging.getLogger(__name__)
 

@@ -8,14 +8,12 @@ validation split.
 
 from __future__ import annotations
 
-import contextlib
 import copy
 import logging
 from pathlib import Path
 from typing import Any
 
 import lightning as L
-import numpy as np
 import torch
 from lightning.pytorch.callbacks import Callback, EarlyStopping
 from omegaconf import DictConfig
@@ -195,30 +193,3 @@ def fit(
     summary = {"best_epoch": best.best_epoch, f"best_{t.monitor}": best.best, "epochs_run": trainer.current_epoch}
     logger.info("best epoch %d (%s=%.4f) of %d", best.best_epoch, t.monitor, best.best, trainer.current_epoch)
     return trained, summary
-
-
-@torch.inference_mode()
-def predict_outputs(
-    model: nn.Module,
-    bags: list[Bag],
-    batch_size: int = 1,
-    device: torch.device | str = "cpu",
-    precision: str = "32-true",
-    num_workers: int = 0,
-) -> np.ndarray:
-    """Raw outputs [n_bags, n_outputs] (float32) of full bags, in the order of ``bags``.
-
-    Tasks turn them into prediction columns (:meth:`mil.tasks.Task.predictions`).
-    """
-    device = torch.device(device)
-    model = model.to(device).eval()
-    autocast = (
-        torch.autocast(device.type, dtype=torch.bfloat16) if precision.startswith("bf16") else contextlib.nullcontext()
-    )
-    loader = make_loader(BagDataset(bags), batch_size, shuffle=False, num_workers=num_workers)
-    out = []
-    for batch in loader:
-        with autocast:
-            logits = model(batch["features"].to(device).float(), batch["mask"].to(device)).logits
-        out.append(logits.float().cpu())
-    return torch.cat(out).numpy()

@@ -18,12 +18,12 @@ import mil.crossval
 from mil.cohort import load_cohort
 from mil.config import load_config
 from mil.crossval import load_run_model, run_crossval
+from mil.inference import predict_outputs
 from mil.predict import run_predict
 from mil.report import report_predictions
 from mil.splits import load_splits
 from mil.tasks import task_class
 from mil.tasks.synthetic import make_task_cohort
-from mil.training import predict_outputs
 
 EXAMPLES = Path(__file__).resolve().parents[1] / "configs" / "examples"
 FAST = ["model.args={hidden_dim: 32}", "cv.folds=3", "cv.bootstrap=100", "train.min_epochs=1", "train.batch_size=8",
