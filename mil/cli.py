@@ -29,7 +29,8 @@ def cmd_crossval(args: argparse.Namespace) -> None:
     from mil.crossval import run_crossval
 
     out = run_crossval(_load(args.config))
-    print(f"cross-validation finished: {out}/metrics.json, {out}/summary.md, {out}/roc.png")
+    plots = ", ".join(sorted(p.name for p in out.glob("*.png")))
+    print(f"cross-validation finished: {out}/summary.md, metrics.json, predictions.csv, {plots}")
 
 
 def cmd_train(args: argparse.Namespace) -> None:
@@ -74,6 +75,19 @@ def cmd_demo(args: argparse.Namespace) -> None:
     from mil.demo import run_demo, summary
 
     print(summary(run_demo(args.out, size=args.size, encoder=args.encoder, weights=args.weights)))
+
+
+def cmd_import_bags(args: argparse.Namespace) -> None:
+    from mil.importing import import_bags
+
+    result = import_bags(
+        args.source, args.out_dir, fmt=args.format, bag_column=args.bag_column, label_column=args.label_column,
+        feature_columns=args.feature_columns, patient_column=args.patient_column, header=args.header,
+        target=args.target, dtype=args.dtype,
+    )
+    print(f"imported {result.n_bags} bags ({result.n_instances} instances, {result.dim} features) of "
+          f"{result.n_patients} patients into {result.out_dir}; labels {result.label_counts}")
+    print("cross-validate with:  mil crossval CONFIG " + " ".join(result.config_overrides()))
 
 
 def cmd_print_config(args: argparse.Namespace) -> None:
@@ -148,6 +162,20 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--encoder", default="random-vit-tiny",
                    help="tile encoder; e.g. virchow2 with --weights for real features (default: random-vit-tiny)")
     p.add_argument("--weights", help="encoder weights: a local folder/file or hf-hub:... id")
+    p = add("import-bags", cmd_import_bags, "import your own instance features (CSV or PRTools .mat) as bags",
+            "Write one HDF5 bag per bag id plus clinical.csv and slides.csv, ready for `mil crossval`. Columns are "
+            "header names, or 0-based positions in a CSV without a header.")
+    p.add_argument("source", help="a .csv table (one row per instance) or a PRTools .mat file")
+    p.add_argument("out_dir", help="where to write features/, clinical.csv and slides.csv")
+    p.add_argument("--format", default="auto", choices=["auto", "csv", "mat"])
+    p.add_argument("--bag-column", help="bag id column (CSV)")
+    p.add_argument("--label-column", help="bag label column (CSV)")
+    p.add_argument("--feature-columns", nargs="+", help="feature columns (default: all other columns)")
+    p.add_argument("--patient-column", help="patient/group column (default: each bag is its own patient)")
+    p.add_argument("--header", action=argparse.BooleanOptionalAction, default=None,
+                   help="whether the CSV has a header row (default: detect)")
+    p.add_argument("--target", default="label", help="name of the label column written (default: label)")
+    p.add_argument("--dtype", default="float32", choices=["float32", "float16"])
     add("print-config", cmd_print_config, "print the resolved config",
         "Merge the schema defaults, YAML files and overrides and print the result.",
         ).add_argument("config", nargs="*", help=CONFIG_HELP)
