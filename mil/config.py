@@ -64,7 +64,7 @@ class TrainConfig:
     weight_decay: float = 1e-2
     scheduler: str = "cosine"  # "cosine" or "none"
     patience: int = 10  # epochs without improvement of `monitor` before stopping
-    monitor: str = "val_loss"  # val_loss, val_auroc, val_ap, val_balanced_accuracy, val_f1
+    monitor: str = "val_loss"  # any task; or its own: val_auroc, val_ap, val_accuracy, val_pearson, val_r2, val_c_index, ...
     standardize: bool = False  # z-score each feature with training-fold statistics (low-dim features)
     class_weighted: bool = True  # weight the loss by inverse class frequency
     aux_loss_weight: float | None = None  # weight of a model's auxiliary loss (CLAM, DSMIL); None: the paper's

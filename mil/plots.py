@@ -56,7 +56,7 @@ def plot_curves(
                 y = (df[target] == positive).to_numpy()
                 if 0 < y.sum() < len(y):
                     x, yy, value = _curves(y, df[f"prob_{positive}"].to_numpy(), kind)
-                    ax.plot(x, yy, lw=0.8, alpha=0.45, label=f"fold {fold} ({name} {value:.3f})")
+                    ax.plot(x, yy, lw=0.8, alpha=0.45, label=f"{fold} ({name} {value:.3f})")
             y = y_all == 1
             x, yy, value = _curves(y, predictions[f"prob_{positive}"].to_numpy(), kind)
             ax.plot(x, yy, lw=2.2, color="black", label=f"pooled ({name} {value:.3f})")
