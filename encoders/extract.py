@@ -182,7 +182,7 @@ def encode_slide(prep: PreparedSlide, encoder: TimmEncoder, opt: ExtractOptions,
     tiles = SlideTiles(ref.path, prep.coords, prep.plan, encoder.transform)
     try:
         features = encode_tiles(tiles, encoder, opt.batch_size, opt.workers, ref.slide_id, loader_started)
-        attrs = {**encoder.bag_attrs(), **prep.bag_attrs(opt.min_tissue)}
+        attrs = {**encoder.bag_attrs(), **prep.bag_attrs(opt.min_tissue, opt.thumbnail_px)}
         write_bag(bag_path(out, ref.slide_id), features, prep.coords, attrs)
     except Exception as e:  # one bad slide must not stop the run
         return _failed(ref, e, prep.seconds + time.perf_counter() - start)

@@ -56,7 +56,7 @@ class PreparedSlide:
     tissue_threshold: int
     seconds: float  # time spent preparing
 
-    def bag_attrs(self, min_tissue: float) -> dict[str, Any]:
+    def bag_attrs(self, min_tissue: float, thumbnail_px: int) -> dict[str, Any]:
         """The slide-geometry attributes of its bag."""
         return {
             "tile_px": self.plan.tile_px,
@@ -70,6 +70,7 @@ class PreparedSlide:
             "slide_file": self.ref.path.name,
             "read_level": self.plan.level,
             "min_tissue": min_tissue,
+            "thumbnail_px": thumbnail_px,  # tissue detection depends on the thumbnail's size
             "tissue_threshold": self.tissue_threshold,
         }
 

@@ -192,7 +192,7 @@ def build_model(
 ) -> LoadedModel:
     """Create ``architecture`` and fill it: ``weights=None`` (or ``"random"``) -> seeded random init."""
     device = torch.device(device)
-    if weights is None or weights == RANDOM:
+    if weights is None or weights in (RANDOM, RANDOM_ID):  # RANDOM_ID: as recorded in bags
         devices = [device] if device.type == "cuda" else []
         with torch.random.fork_rng(devices=devices), torch.device(device):
             torch.manual_seed(RANDOM_SEED)

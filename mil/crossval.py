@@ -22,6 +22,7 @@ from lightning.fabric.utilities.rank_zero import rank_zero_only
 from omegaconf import DictConfig, OmegaConf
 
 from mil import __version__
+from mil.bags import read_bag_info
 from mil.cohort import Bag, Cohort, load_cohort
 from mil.config import ConfigError, load_config, require, save_config
 from mil.inference import load_weights, predict_outputs, resolve_device, save_weights
@@ -92,11 +93,22 @@ def prepare_run(cfg: DictConfig, kind: str) -> tuple[Path, Cohort, Task]:
             "bag_level": cohort.bag_level,
             "in_dim": cohort.dim,
             "encoder": cohort.identity,
+            "extraction": extraction_settings(cohort),
             "model": cfg.model.name,
             "bootstrap": {"n": cfg.cv.bootstrap, "seed": cfg.cv.seed},  # so `mil report` recomputes the same intervals
         }
         write_text(out / "run.yaml", OmegaConf.to_yaml(OmegaConf.create(meta)))
     return out, cohort, task
+
+
+# Bag attributes `mil predict` needs to embed a new cohort's slides exactly as the training bags.
+EXTRACTION_ATTRS = ("encoder", "embedding", "encoder_weights_source", "tile_px", "mpp", "min_tissue", "thumbnail_px")
+
+
+def extraction_settings(cohort: Cohort) -> dict[str, Any]:
+    """How the cohort's bags were made (empty for bags from other tools, which do not record it)."""
+    attrs = read_bag_info(cohort.bags[0].paths[0]).attrs
+    return {k: attrs[k] for k in EXTRACTION_ATTRS if k in attrs}
 
 
 def build_model(cfg: DictConfig, in_dim: int, n_outputs: int) -> torch.nn.Module:

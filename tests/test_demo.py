@@ -8,6 +8,7 @@ import pandas as pd
 from encoders.synthetic_slides import load_ground_truth
 from mil.bags import read_bag_info
 from mil.demo import run_demo, summary
+from mil.predict import run_predict
 
 
 def test_tiny_demo_learns_and_localises(tmp_path):
@@ -31,3 +32,15 @@ def test_tiny_demo_learns_and_localises(tmp_path):
     assert (result.external / "metrics.json").is_file()
     assert any(p.name.endswith("_heatmap.png") for p in result.heatmaps)
     assert "Cross-validated AUROC" in summary(result)
+
+    # Predicting straight from slides: no bags yet, so `mil predict` embeds them as the run's bags were made.
+    ext = tmp_path / "demo" / "external_cohort"
+    out = run_predict(result.crossval, [f"cohort.clinical_csv={ext / 'clinical.csv'}", f"cohort.slide_csv={ext / 'slides.csv'}",
+                                        f"cohort.features_dir={tmp_path / 'fresh'}", f"slides.csv={ext / 'slides.csv'}",
+                                        f"output_dir={tmp_path / 'from_slides'}"])
+    made = read_bag_info(next((tmp_path / "fresh").glob("*.h5"))).attrs
+    first = read_bag_info(next((tmp_path / "demo" / "features").glob("*.h5"))).attrs
+    assert {k: made[k] for k in ("encoder", "embedding", "tile_px", "mpp")} == {k: first[k] for k in ("encoder", "embedding", "tile_px", "mpp")}
+    again = pd.read_csv(out / "predictions.csv")
+    before = pd.read_csv(result.external / "predictions.csv")
+    np.testing.assert_allclose(again["prob_MSI-H"], before["prob_MSI-H"], atol=1e-5)
