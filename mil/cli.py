@@ -154,7 +154,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--target", help="label column (default: from the run's run.yaml)")
     p.add_argument("--classes", nargs="+", help="class order, last = positive (default: from run.yaml or sorted labels)")
     p.add_argument("--output-dir", help="where to write (default: beside the predictions)")
-    p = add("demo", cmd_demo, "the whole pipeline on generated slides (about 5 minutes on a laptop CPU)",
+    p = add("demo", cmd_demo, "the whole pipeline on generated slides (a few minutes on a laptop CPU)",
             "Writes a synthetic cohort of pyramidal TIFF slides (planted tumour-like regions drive an MSI-like label) "
             "and an external cohort, then runs extract, crossval, predict, heatmap and report with configs/demo/*.yaml.")
     p.add_argument("--out", default="demo_output", help="output folder (default: demo_output)")
