@@ -26,6 +26,19 @@ def synthetic_cohort(tmp_path_factory):
     )
 
 
+@pytest.fixture(scope="session")
+def make_task_cohort():
+    """``make_task_cohort(out, kind, n, **options)``: a small cohort of any task kind, strong signal, 8-d."""
+    from mil.synthetic import make_synthetic_cohort
+
+    def make(out, kind: str, n: int, **options):
+        settings = {"slides_per_patient": (1, 2), "tiles_per_slide": (20, 40), "dim": 8, "signal_fraction": 0.2,
+                    "strength": 6.0, **options}
+        return make_synthetic_cohort(out, n, kind=kind, **settings)
+
+    return make
+
+
 @pytest.fixture
 def fast_overrides():
     """Config overrides that keep a cross-validation to a few seconds."""

@@ -20,7 +20,6 @@ from mil.splits import SplitError
 from mil.tasks import TASKS, create_task, task_class, task_from_meta
 from mil.tasks.multi_target import MultiTargetLoss
 from mil.tasks.survival import cox_loss
-from mil.tasks.synthetic import make_task_cohort
 from mil.training import MILModule
 
 # ---------------------------------------------------------------- reference implementations (plain loops)
@@ -180,8 +179,8 @@ def test_task_config_errors():
 
 
 @pytest.fixture(scope="module")
-def tmb_cohort(tmp_path_factory):
-    return make_task_cohort(tmp_path_factory.mktemp("tmb"), "tmb", n_patients=12, tiles_per_slide=(4, 6), seed=1)
+def tmb_cohort(tmp_path_factory, make_task_cohort):
+    return make_task_cohort(tmp_path_factory.mktemp("tmb"), "tmb", 12, tiles_per_slide=(4, 6), seed=1)
 
 
 def _cohort_cfg(c, clinical, *extra):

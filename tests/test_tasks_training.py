@@ -23,7 +23,6 @@ from mil.predict import run_predict
 from mil.report import report_predictions
 from mil.splits import load_splits
 from mil.tasks import task_class
-from mil.tasks.synthetic import make_task_cohort
 
 EXAMPLES = Path(__file__).resolve().parents[1] / "configs" / "examples"
 FAST = ["model.args={hidden_dim: 32}", "cv.folds=3", "cv.bootstrap=100", "train.min_epochs=1", "train.batch_size=8",
@@ -42,12 +41,12 @@ def _cohort(c):
 
 
 @pytest.fixture(scope="module", params=list(SETUPS))
-def run(request, tmp_path_factory):
+def run(request, tmp_path_factory, make_task_cohort):
     """A finished cross-validation of one task type, and an external cohort of the same kind."""
     example, kind, n, options, overrides = SETUPS[request.param]
     tmp = tmp_path_factory.mktemp(request.param)
-    cohort = make_task_cohort(tmp / "cohort", kind, n_patients=n, seed=0, **options)
-    external = make_task_cohort(tmp / "external", kind, n_patients=40, seed=7, prefix="X", **options)
+    cohort = make_task_cohort(tmp / "cohort", kind, n, seed=0, **options)
+    external = make_task_cohort(tmp / "external", kind, 40, seed=7, prefix="X", **options)
     cfg = load_config([str(EXAMPLES / example), *_cohort(cohort), *FAST, *overrides, f"output_dir={tmp / 'cv'}"])
     assert cfg.task.type == request.param
     out = run_crossval(cfg)
