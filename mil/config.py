@@ -55,18 +55,28 @@ class CVConfig:
 
 @dataclass
 class TrainConfig:
-    max_epochs: int = 40
-    min_epochs: int = 5
-    batch_size: int = 8  # bags per step
+    # The budget: max_epochs, raised so that at least min_steps optimiser steps run (small cohorts).
+    max_epochs: int = 30
+    min_steps: int = 2000
+    min_epochs: int = 5  # no early stop before this (with patience set)
+    batch_size: int = 1  # bags per optimiser step
     bag_size: int | None = 512  # tiles sampled per bag in training (None: full bags)
     eval_batch_size: int = 1  # full bags at evaluation
+    optimizer: str = "adamw"  # "adamw", "adam" (L2 in the gradient) or "sgd" (with momentum)
     lr: float = 2e-4
     weight_decay: float = 1e-2
-    scheduler: str = "cosine"  # "cosine" or "none"
-    patience: int = 10  # epochs without improvement of `monitor` before stopping
-    monitor: str = "val_loss"  # any task; or its own: val_auroc, val_ap, val_accuracy, val_pearson, val_r2, val_c_index, ...
+    momentum: float = 0.9  # sgd only
+    scheduler: str = "constant"  # after warm-up: "constant", "cosine" (to min_lr_ratio * lr); "none": no warm-up
+    warmup_steps: int = 100
+    min_lr_ratio: float = 0.0  # cosine only
+    monitor: str = "auto"  # "auto": the task's (AUROC for classification); or val_loss, val_auroc, val_ap, ...
+    monitor_window: int = 5  # validation epochs averaged (trailing) before comparing
+    selection: str = "auto"  # "best": the epoch with the best smoothed monitor; "last": the final weights;
+    # "auto": "best" when the validation split has min_val_bags of every class (4x that for other tasks)
+    min_val_bags: int = 10
+    patience: int | None = None  # stop after this many epochs without a better smoothed monitor (None: never)
     standardize: bool = False  # z-score each feature with training-fold statistics (low-dim features)
-    class_weighted: bool = True  # weight the loss by inverse class frequency
+    class_weighted: bool = True  # weight each bag's loss by inverse class frequency
     aux_loss_weight: float | None = None  # weight of a model's auxiliary loss (CLAM, DSMIL); None: the paper's
     precision: str = "32-true"  # Lightning precision: "32-true", "bf16-mixed", "16-mixed"
     num_workers: int = 0

@@ -10,6 +10,7 @@ same folder keeps finished folds and redoes an interrupted one.
 
 from __future__ import annotations
 
+import json
 import logging
 from pathlib import Path
 from typing import Any
@@ -213,8 +214,32 @@ def run_crossval(cfg: DictConfig) -> Path:
     _write_csv(predictions, out / "predictions.csv")
     result = write_report(predictions, task.columns[0].name, cohort.classes, out, id_columns(cfg),
                           n_boot=cfg.cv.bootstrap, seed=cfg.cv.seed, task=task)
+    append_training_health(out, [fold.name for fold in folds])
     logger.info("%s; results in %s", task.headline(result), out)
     return out
+
+
+def append_training_health(out: Path, fold_names: list[str]) -> None:
+    """Add each fold's kept epoch and training warnings (from its ``summary.json``) to ``summary.md``.
+
+    A fold whose kept model is from the first epochs, or whose validation AUROC is at chance,
+    is named there, so a pooled metric is never read without knowing that some folds barely trained.
+    """
+    lines = ["", "## Training", "", "| fold | kept epoch | epochs run | warnings |", "|---|---|---|---|"]
+    flagged = 0
+    for name in fold_names:
+        path = out / name / "summary.json"
+        if not path.is_file():
+            continue
+        s = json.loads(path.read_text())
+        warnings = s.get("warnings", [])
+        flagged += bool(warnings)
+        lines.append(f"| {name} | {s.get('best_epoch')} | {s.get('epochs_run')} | {'; '.join(warnings) or '—'} |")
+    if flagged:
+        lines[2:2] = [f"**{flagged} of {len(fold_names)} folds may not have learnt** (see the warnings below).", ""]
+    summary = out / "summary.md"
+    text = summary.read_text() if summary.is_file() else ""
+    write_text(summary, text.rstrip("\n") + "\n" + "\n".join(lines) + "\n")
 
 
 def run_train(cfg: DictConfig) -> Path:

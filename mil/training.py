@@ -10,14 +10,16 @@ from __future__ import annotations
 
 import copy
 import logging
+import math
 from pathlib import Path
 from typing import Any
 
 import lightning as L
 import torch
-from lightning.pytorch.callbacks import Callback, EarlyStopping
+from lightning.pytorch.callbacks import Callback
 from omegaconf import DictConfig
 from torch import nn
+from torchmetrics.aggregation import MeanMetric
 
 from mil.cohort import Bag
 from mil.data import BagDataset, make_loader
@@ -27,8 +29,20 @@ from mil.tasks import Task
 logger = logging.getLogger(__name__)
 
 
+OPTIMIZERS = ("adamw", "adam", "sgd")
+SCHEDULERS = ("constant", "cosine", "none")
+SELECTIONS = ("best", "last")  # train.selection also takes "auto": see resolve_selection
+
+
 class MILModule(L.LightningModule):
-    """Trains a MIL aggregator on a task's loss (+ the model's auxiliary loss where it applies)."""
+    """Trains a MIL aggregator on a task's loss (+ the model's auxiliary loss where it applies).
+
+    The learning rate warms up linearly over ``warmup_steps`` optimiser steps, then stays
+    constant (``scheduler="constant"``) or follows a cosine to ``min_lr_ratio * lr`` at the last
+    step (``"cosine"``); ``"none"`` is a constant rate without warm-up. The validation loss is
+    the mean over every validation bag (a ``MeanMetric`` weighted by batch size, so it does not
+    depend on ``eval_batch_size`` and synchronises across DDP processes).
+    """
 
     def __init__(
         self,
@@ -37,11 +51,18 @@ class MILModule(L.LightningModule):
         loss: nn.Module,
         lr: float = 2e-4,
         weight_decay: float = 1e-2,
-        scheduler: str = "cosine",
-        max_epochs: int = 40,
+        optimizer: str = "adamw",
+        momentum: float = 0.9,
+        scheduler: str = "constant",
+        warmup_steps: int = 0,
+        min_lr_ratio: float = 0.0,
         aux_loss_weight: float | None = None,
     ) -> None:
         super().__init__()
+        if optimizer not in OPTIMIZERS:
+            raise ValueError(f"train.optimizer must be one of {list(OPTIMIZERS)}, got {optimizer!r}")
+        if scheduler not in SCHEDULERS:
+            raise ValueError(f"train.scheduler must be one of {list(SCHEDULERS)}, got {scheduler!r}")
         self.save_hyperparameters(ignore=["model", "task", "loss"])
         self.model, self.task, self.loss = model, task, loss
         aux_name = getattr(model, "aux_loss", None)
@@ -51,6 +72,7 @@ class MILModule(L.LightningModule):
         self.aux_loss = AUX_LOSSES.get(aux_name) if aux_name else None
         self.aux_weight = aux_loss_weight if aux_loss_weight is not None else getattr(model, "aux_loss_weight", 1.0)
         self.val_metrics = task.make_metrics()
+        self.val_loss = MeanMetric()
 
     def forward(self, features: torch.Tensor, mask: torch.Tensor):
         return self.model(features.float(), mask)
@@ -74,42 +96,145 @@ class MILModule(L.LightningModule):
         loss, logits = self.compute_loss(batch)
         self.val_metrics.update(logits, batch["target"])
         if not self.task.epoch_loss:
-            self.log("val_loss", loss, on_epoch=True, prog_bar=True, batch_size=len(logits), sync_dist=True)
+            self.val_loss.update(loss.detach(), weight=len(logits))
 
     def on_validation_epoch_end(self) -> None:
         values = self.val_metrics.compute()
         self.val_metrics.reset()
         if self.task.epoch_loss:  # e.g. Cox: risk sets span the whole validation split
-            self.log("val_loss", values.pop("loss"), prog_bar=True)
+            val_loss = values.pop("loss")
+        else:
+            val_loss = self.val_loss.compute()
+            self.val_loss.reset()
+        self.log("val_loss", val_loss, prog_bar=True)
         self.log_dict({f"val_{k}": v for k, v in values.items()}, prog_bar=False)
 
     def configure_optimizers(self) -> Any:
-        opt = torch.optim.AdamW(self.model.parameters(), lr=self.hparams.lr, weight_decay=self.hparams.weight_decay)
-        if self.hparams.scheduler == "none":
+        h = self.hparams
+        params = self.model.parameters()
+        if h.optimizer == "adamw":
+            opt = torch.optim.AdamW(params, lr=h.lr, weight_decay=h.weight_decay)
+        elif h.optimizer == "adam":  # L2 penalty in the gradient, as in Ilse et al. 2018
+            opt = torch.optim.Adam(params, lr=h.lr, weight_decay=h.weight_decay)
+        else:
+            opt = torch.optim.SGD(params, lr=h.lr, momentum=h.momentum, weight_decay=h.weight_decay)
+        if h.scheduler == "none":
             return opt
-        if self.hparams.scheduler != "cosine":
-            raise ValueError(f"train.scheduler must be 'cosine' or 'none', got {self.hparams.scheduler!r}")
-        sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=max(1, self.hparams.max_epochs))
-        return {"optimizer": opt, "lr_scheduler": sched}
+        total = max(1, int(self.trainer.estimated_stepping_batches))
+        warmup = min(h.warmup_steps, total // 2)
+
+        def factor(step: int) -> float:
+            if step < warmup:
+                return (step + 1) / warmup
+            if h.scheduler == "constant":
+                return 1.0
+            progress = min(1.0, (step - warmup) / max(1, total - warmup))
+            return h.min_lr_ratio + (1 - h.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
+
+        sched = torch.optim.lr_scheduler.LambdaLR(opt, factor)
+        return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
 
 
 class BestWeights(Callback):
-    """Keep a copy of the network's weights from the epoch with the best monitored value."""
+    """Keep the network's weights from the epoch with the best smoothed validation value.
 
-    def __init__(self, monitor: str, mode: str) -> None:
-        self.monitor, self.mode = monitor, mode
-        self.best: float | None = None
+    The monitored value is averaged over the last ``window`` validation epochs (a trailing
+    mean: tiny validation splits make single epochs noisy, and AUROC on a dozen bags moves in
+    big steps); an epoch is eligible once its window is full and ``start_epoch`` is reached,
+    so a lucky first epoch is never kept. Ties go to the lower smoothed validation loss. A
+    window with a non-finite value is never selected. ``selection="last"`` keeps the final
+    weights instead. With ``patience`` set, training stops after that many epochs without a
+    better smoothed value, but not before ``min_steps`` optimiser steps.
+    """
+
+    def __init__(
+        self,
+        monitor: str,
+        mode: str,
+        window: int = 1,
+        start_epoch: int = 0,
+        selection: str = "best",
+        patience: int | None = None,
+        min_steps: int = 0,
+    ) -> None:
+        if selection not in SELECTIONS:
+            raise ValueError(f"train.selection must be one of {list(SELECTIONS)}, got {selection!r}")
+        self.monitor, self.mode, self.window = monitor, mode, max(1, window)
+        self.start_epoch, self.selection = start_epoch, selection
+        self.patience, self.min_steps = patience, min_steps
+        self.history: list[dict[str, float]] = []
+        self.best: float | None = None  # smoothed monitor at the kept epoch
+        self.best_loss = math.inf
         self.best_epoch = -1
         self.state: dict[str, torch.Tensor] | None = None
 
-    def on_validation_end(self, trainer: L.Trainer, pl_module: MILModule) -> None:
-        if trainer.sanity_checking or self.monitor not in trainer.callback_metrics:
+    def _keep(self, epoch: int, pl_module: L.LightningModule, value: float | None, loss: float) -> None:
+        self.best, self.best_loss, self.best_epoch = value, loss, epoch
+        self.state = {k: v.detach().cpu().clone() for k, v in pl_module.model.state_dict().items()}
+
+    def on_validation_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if trainer.sanity_checking:
             return
-        value = float(trainer.callback_metrics[self.monitor])
-        better = self.best is None or (value < self.best if self.mode == "min" else value > self.best)
-        if better:
-            self.best, self.best_epoch = value, trainer.current_epoch
-            self.state = {k: v.detach().cpu().clone() for k, v in pl_module.model.state_dict().items()}
+        metrics = trainer.callback_metrics
+        value = float(metrics[self.monitor]) if self.monitor in metrics else math.nan
+        loss = float(metrics["val_loss"]) if "val_loss" in metrics else math.nan
+        epoch = trainer.current_epoch
+        self.history.append({"epoch": epoch, self.monitor: value, "val_loss": loss})
+        if self.selection == "last":
+            self._keep(epoch, pl_module, value, loss)
+            return
+        recent = self.history[-self.window :]
+        if len(recent) < self.window or epoch < self.start_epoch:
+            return
+        values = [h[self.monitor] for h in recent]
+        if not all(math.isfinite(v) for v in values):
+            return
+        smoothed = sum(values) / len(values)
+        losses = [h["val_loss"] for h in recent]
+        smoothed_loss = sum(losses) / len(losses) if all(math.isfinite(v) for v in losses) else math.inf
+        sign = 1.0 if self.mode == "max" else -1.0
+        eps = 1e-9
+        if (
+            self.best is None
+            or sign * (smoothed - self.best) > eps
+            or (abs(smoothed - self.best) <= eps and smoothed_loss < self.best_loss)
+        ):
+            self._keep(epoch, pl_module, smoothed, smoothed_loss)
+        elif (
+            self.patience is not None
+            and epoch - self.best_epoch >= self.patience
+            and trainer.global_step >= self.min_steps
+        ):
+            logger.info("stopping: no better smoothed %s for %d epochs", self.monitor, self.patience)
+            trainer.should_stop = True
+
+
+def resolve_selection(selection: str, val_targets: torch.Tensor, task: Task, min_val_bags: int) -> str:
+    """``"auto"``: select an epoch (``"best"``) only when the validation split can rank epochs.
+
+    Below ``min_val_bags`` validation bags (for classification: of the smallest class), a
+    validation metric moves in steps as large as the differences between epochs, and choosing
+    on it kept barely trained models on small cohorts; the final weights of the fixed budget
+    (``"last"``) are then kept instead. Other values pass through.
+    """
+    if selection != "auto":
+        return selection
+    y = val_targets
+    if task.name == "classification" and y.ndim == 1:
+        labelled = y[y >= 0].long()
+        smallest = int(torch.bincount(labelled).min()) if len(labelled) else 0
+        return "best" if smallest >= min_val_bags else "last"
+    return "best" if len(y) >= 4 * min_val_bags else "last"
+
+
+def budget_epochs(n_train: int, batch_size: int, max_epochs: int, min_steps: int, world_size: int = 1) -> int:
+    """Epochs to train: ``max_epochs``, raised so that at least ``min_steps`` optimiser steps run.
+
+    Small cohorts give few steps per epoch (20 bags at batch size 1: 20 steps); sparse signals
+    are found after a number of optimiser steps, not epochs, so the budget is counted in both.
+    """
+    steps_per_epoch = max(1, math.ceil(n_train / (batch_size * world_size)))
+    return max(max_epochs, math.ceil(min_steps / steps_per_epoch))
 
 
 def _logger(cfg: DictConfig, out_dir: Path) -> Any:
@@ -148,32 +273,42 @@ def fit(
     """
     t = cfg.train
     modes = task.monitor_modes
-    if t.monitor not in modes:
-        raise ValueError(f"train.monitor must be one of {sorted(modes)} for task.type={task.name}, got {t.monitor!r}")
+    monitor = task.default_monitor if t.monitor == "auto" else t.monitor
+    if monitor not in modes:
+        raise ValueError(f"train.monitor must be 'auto' or one of {sorted(modes)} for task.type={task.name}, got {monitor!r}")
     L.seed_everything(seed, workers=True, verbose=False)
+    world = cfg.trainer.devices if isinstance(cfg.trainer.devices, int) else 1
+    epochs = budget_epochs(len(train_bags), t.batch_size, t.max_epochs, t.min_steps, world)
+    steps_per_epoch = math.ceil(len(train_bags) / (t.batch_size * world))
     module = MILModule(
         model,
         task,
         task.make_loss(train_targets),
         lr=t.lr,
         weight_decay=t.weight_decay,
+        optimizer=t.optimizer,
+        momentum=t.momentum,
         scheduler=t.scheduler,
-        max_epochs=t.max_epochs,
+        warmup_steps=t.warmup_steps,
+        min_lr_ratio=t.min_lr_ratio,
         aux_loss_weight=t.aux_loss_weight,
     )
-    mode = modes[t.monitor]
-    best = BestWeights(t.monitor, mode)
-    callbacks = [best, EarlyStopping(t.monitor, mode=mode, patience=t.patience, check_finite=False)]
+    mode = modes[monitor]
+    selection = resolve_selection(t.selection, val_targets, task, t.min_val_bags)
+    warmup_epochs = math.ceil(min(t.warmup_steps, epochs * steps_per_epoch // 2) / steps_per_epoch)
+    best = BestWeights(
+        monitor, mode, window=min(t.monitor_window, epochs), start_epoch=min(warmup_epochs, epochs - 1), selection=selection,
+        patience=t.patience, min_steps=max(t.min_steps, t.min_epochs * steps_per_epoch),
+    )
     trainer = L.Trainer(
-        max_epochs=t.max_epochs,
-        min_epochs=min(t.min_epochs, t.max_epochs),
+        max_epochs=epochs,
         accelerator=cfg.trainer.accelerator,
         devices=cfg.trainer.devices,
         strategy=cfg.trainer.strategy,
         precision=t.precision,
         deterministic=cfg.trainer.deterministic,
         logger=_logger(cfg, out_dir),
-        callbacks=callbacks,
+        callbacks=[best],
         enable_checkpointing=False,
         enable_progress_bar=cfg.trainer.enable_progress_bar,
         enable_model_summary=False,
@@ -185,11 +320,54 @@ def fit(
         BagDataset(train_bags, train_targets, t.bag_size), t.batch_size, shuffle=True, num_workers=t.num_workers
     )
     val_loader = make_loader(BagDataset(val_bags, val_targets), t.eval_batch_size, shuffle=False, num_workers=t.num_workers)
+    logger.info("training %d epochs of %d steps (%d bags, batch size %d); %s", epochs, steps_per_epoch,
+                len(train_bags), t.batch_size,
+                f"keeping the epoch with the best smoothed {monitor}" if selection == "best"
+                else f"keeping the last epoch ({len(val_bags)} validation bags: too few to rank epochs)")
     trainer.fit(module, train_loader, val_loader)
-    if best.state is None:
+    if not best.history:
         raise RuntimeError("training produced no validation result; check the validation split is not empty")
     trained = copy.deepcopy(model).cpu()
-    trained.load_state_dict(best.state)
-    summary = {"best_epoch": best.best_epoch, f"best_{t.monitor}": best.best, "epochs_run": trainer.current_epoch}
-    logger.info("best epoch %d (%s=%.4f) of %d", best.best_epoch, t.monitor, best.best, trainer.current_epoch)
+    warnings: list[str] = []
+    if best.state is None:
+        warnings.append(f"no finite smoothed {monitor} in {len(best.history)} validation epochs: kept the last epoch")
+        kept_epoch = best.history[-1]["epoch"]
+    else:
+        trained.load_state_dict(best.state)
+        kept_epoch = best.best_epoch
+    epochs_run = trainer.current_epoch
+    at_kept = next(h for h in best.history if h["epoch"] == kept_epoch)
+    warnings += training_warnings(kept_epoch, epochs_run, at_kept, trainer.callback_metrics, best.history)
+    for w in warnings:
+        logger.warning("%s", w)
+    summary = {
+        "best_epoch": kept_epoch,
+        "monitor": monitor,
+        f"best_{monitor}": at_kept[monitor],
+        f"smoothed_{monitor}": best.best,
+        "selection": selection,
+        "epochs_run": epochs_run,
+        "steps_run": int(trainer.global_step),
+        "warnings": warnings,
+    }
+    logger.info("kept epoch %d (%s=%.4f) of %d", kept_epoch, monitor, at_kept[monitor], epochs_run)
     return trained, summary
+
+
+def training_warnings(
+    kept_epoch: int, epochs_run: int, at_kept: dict[str, float], final_metrics: dict[str, Any],
+    history: list[dict[str, float]],
+) -> list[str]:
+    """Signs that a fold's kept model learnt little: an early epoch, or validation AUROC at chance.
+
+    ``history`` holds one dict per validation epoch (``epoch``, the monitor, ``val_loss``).
+    """
+    out = []
+    if epochs_run >= 10 and kept_epoch < max(2, epochs_run // 10):
+        out.append(f"kept epoch {kept_epoch} of {epochs_run}: a model from the first epochs (barely trained)")
+    auroc = at_kept.get("val_auroc")
+    if auroc is None and "val_auroc" in final_metrics:
+        auroc = float(final_metrics["val_auroc"])
+    if auroc is not None and math.isfinite(auroc) and auroc <= 0.5:
+        out.append(f"validation AUROC {auroc:.3f} at the kept epoch: not above chance")
+    return out

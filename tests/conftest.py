@@ -47,6 +47,8 @@ def fast_overrides():
         "cv.folds=3",
         "cv.bootstrap=50",
         "train.max_epochs=4",
+        "train.min_steps=0",  # the epoch count alone: tests stay fast
+        "train.warmup_steps=0",
         "train.min_epochs=1",
         "train.batch_size=4",
         "train.bag_size=16",

@@ -22,7 +22,7 @@ def trained(tmp_path_factory, synthetic_cohort):
     tmp = tmp_path_factory.mktemp("predict")
     base = [f"cohort.clinical_csv={c.clinical_csv}", f"cohort.slide_csv={c.slide_csv}",
             f"cohort.features_dir={c.features_dir}", "cohort.target=MSI", "cohort.classes=[MSS,MSI-H]",
-            "model.args={hidden_dim: 32}", "cv.folds=3", "cv.bootstrap=200", "train.max_epochs=15", "train.batch_size=4",
+            "model.args={hidden_dim: 32}", "cv.folds=3", "cv.bootstrap=200", "train.max_epochs=15", "train.min_steps=0", "train.batch_size=4",
             "train.lr=3e-3", "train.precision=32-true", "trainer.accelerator=cpu", "trainer.enable_progress_bar=false",
             "trainer.logger=none"]
     cv = run_crossval(load_config([*base, f"output_dir={tmp / 'cv'}"]))
@@ -61,7 +61,7 @@ def test_train_run_predicts_and_report_recomputes(trained, synthetic_cohort):
     tmp, _cv, ext = trained
     c = synthetic_cohort
     run = run_train(load_config([f"cohort.clinical_csv={c.clinical_csv}", f"cohort.slide_csv={c.slide_csv}",
-                                 f"cohort.features_dir={c.features_dir}", "cohort.target=MSI", "train.max_epochs=2",
+                                 f"cohort.features_dir={c.features_dir}", "cohort.target=MSI", "train.max_epochs=2", "train.min_steps=0",
                                  "trainer.enable_progress_bar=false", "trainer.logger=none", f"output_dir={tmp / 'final'}"]))
     out = run_predict(run, [*_cohort(ext), f"output_dir={tmp / 'final-ext'}"])
     first = json.loads((out / "metrics.json").read_text())

@@ -25,7 +25,7 @@ from mil.splits import load_splits
 from mil.tasks import task_class
 
 EXAMPLES = Path(__file__).resolve().parents[1] / "configs" / "examples"
-FAST = ["model.args={hidden_dim: 32}", "cv.folds=3", "cv.bootstrap=100", "train.min_epochs=1", "train.batch_size=8",
+FAST = ["model.args={hidden_dim: 32}", "train.min_steps=0", "cv.folds=3", "cv.bootstrap=100", "train.min_epochs=1", "train.batch_size=8",
         "train.bag_size=32", "train.lr=3e-3", "train.precision=32-true", "trainer.accelerator=cpu",
         "trainer.enable_progress_bar=false", "trainer.logger=none"]
 SETUPS = {  # the shipped example config, made fast; synthetic cohort kind, patients and options

@@ -94,6 +94,11 @@ class Task:
         """Loggable validation values for ``train.monitor`` and whether to minimise or maximise them."""
         raise NotImplementedError
 
+    @property
+    def default_monitor(self) -> str:
+        """What ``train.monitor: auto`` selects the epoch on."""
+        return "val_loss"
+
     def encode(self, bags: list[Bag]) -> torch.Tensor:
         """Training targets of ``bags`` (one row per bag)."""
         raise NotImplementedError

@@ -55,7 +55,14 @@ def check_labels(bags: list[Bag], column: LabelColumn, what: str) -> None:
 
 
 class CrossEntropy(nn.Module):
-    """Cross-entropy (optionally class-weighted); rows labelled -1 (missing) are ignored."""
+    """Cross-entropy (optionally class-weighted); rows labelled -1 (missing) are ignored.
+
+    Class weights act per bag: the loss is ``sum_i w[y_i] * ce_i / n`` over the ``n`` labelled
+    bags of the batch. With weights normalised to mean 1 over the training bags (as
+    :func:`class_weights` does), each class carries an equal share of an epoch's loss at every
+    batch size. ``F.cross_entropy(weight=w)`` would divide by the batch's summed weights
+    instead, which cancels the weighting at batch size 1 and dilutes it at small batches.
+    """
 
     def __init__(self, weight: list[float] | None = None) -> None:
         super().__init__()
@@ -68,7 +75,10 @@ class CrossEntropy(nn.Module):
             if not bool(valid.any()):
                 return logits.sum() * 0.0  # nothing labelled in this batch: no gradient, no NaN
             logits, y = logits[valid], y[valid]
-        return F.cross_entropy(logits, y, weight=self.weight)
+        per_bag = F.cross_entropy(logits, y, reduction="none")
+        if self.weight is not None:
+            per_bag = per_bag * self.weight[y]
+        return per_bag.mean()
 
 
 def categorical_metrics(n_classes: int, inputs: Inputs, suffix: str = "", ignore_index: int | None = None) -> dict:
@@ -133,6 +143,10 @@ class ClassificationTask(Task):
     @property
     def n_outputs(self) -> int:
         return len(self.classes)
+
+    @property
+    def default_monitor(self) -> str:
+        return "val_auroc"
 
     @property
     def monitor_modes(self) -> dict[str, str]:

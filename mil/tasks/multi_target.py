@@ -97,6 +97,10 @@ class MultiTargetTask(Task):
         return self.slices[-1].stop
 
     @property
+    def default_monitor(self) -> str:
+        return "val_auroc"
+
+    @property
     def monitor_modes(self) -> dict[str, str]:
         modes = {"val_loss": "min", **{f"val_{k}": v for k, v in CATEGORICAL_MONITORS.items()}}
         for c in self.columns:

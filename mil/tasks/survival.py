@@ -123,6 +123,10 @@ class SurvivalTask(Task):
         return 1
 
     @property
+    def default_monitor(self) -> str:
+        return "val_c_index"
+
+    @property
     def monitor_modes(self) -> dict[str, str]:
         return {"val_loss": "min", "val_c_index": "max"}
 

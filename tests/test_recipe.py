@@ -1,0 +1,119 @@
+"""The training recipe: class weighting at every batch size, epoch selection, warnings, budget."""
+
+from __future__ import annotations
+
+import json
+import math
+from types import SimpleNamespace
+
+import pytest
+import torch
+from torch import nn
+
+from mil.config import load_config
+from mil.crossval import run_crossval
+from mil.tasks.classification import CrossEntropy, class_weights
+from mil.training import BestWeights, budget_epochs, training_warnings
+
+
+@pytest.mark.parametrize("batch_size", [1, 4, 8])
+def test_class_weights_give_each_class_half_of_an_epochs_gradient(batch_size):
+    """At 1 positive in 6 (prevalence 17%), positives must carry half the epoch's loss gradient.
+
+    ``F.cross_entropy(weight=w)`` divides by the batch's summed weights: at batch size 1 the
+    weight cancels (positives' share = prevalence, 0.17), at 8 it is diluted (about 0.4).
+    """
+    labels = torch.tensor([1, 0, 0, 0, 0, 0] * 4)  # 24 bags, 4 positive
+    loss_fn = CrossEntropy(class_weights(labels, 2))
+    logits = torch.zeros(len(labels), 2, requires_grad=True)  # equal per-bag loss: only weighting differs
+    for start in range(0, len(labels), batch_size):
+        loss_fn(logits[start : start + batch_size], labels[start : start + batch_size]).backward()
+    per_bag = logits.grad.abs().sum(1)
+    share = float(per_bag[labels == 1].sum() / per_bag.sum())
+    assert share == pytest.approx(0.5, abs=1e-6)
+
+
+def test_cross_entropy_ignores_missing_labels_and_is_unweighted_without_weights():
+    logits = torch.randn(5, 2)
+    y = torch.tensor([0, 1, -1, 1, 0])
+    expected = nn.functional.cross_entropy(logits[y >= 0], y[y >= 0])
+    assert CrossEntropy()(logits, y) == pytest.approx(float(expected))
+
+
+def _feed(callback: BestWeights, values: list[float], losses: list[float] | None = None) -> None:
+    """Drive the callback as Lightning would, one validation epoch per value."""
+    model = nn.Linear(1, 1)
+    module = SimpleNamespace(model=model)
+    for epoch, value in enumerate(values):
+        with torch.no_grad():
+            model.weight.fill_(epoch)  # the kept state tells which epoch was kept
+        metrics = {callback.monitor: torch.tensor(value), "val_loss": torch.tensor((losses or values)[epoch])}
+        trainer = SimpleNamespace(sanity_checking=False, callback_metrics=metrics, current_epoch=epoch,
+                                  global_step=epoch * 10, should_stop=False)
+        callback.on_validation_end(trainer, module)
+
+
+def test_a_nan_monitor_is_never_selected():
+    """A NaN first validation value used to become the best (comparisons with NaN are False)."""
+    best = BestWeights("val_auroc", "max")
+    _feed(best, [math.nan, 0.6, 0.8, 0.7])
+    assert best.best_epoch == 2
+    assert float(best.state["weight"]) == 2
+
+
+def test_smoothed_selection_ignores_a_lucky_epoch_and_breaks_ties_on_loss():
+    best = BestWeights("val_auroc", "max", window=3)
+    # epoch 1 alone is best (a lucky 1.0); the best 3-epoch window ends at epoch 6
+    _feed(best, [0.5, 1.0, 0.5, 0.6, 0.9, 0.9, 0.9, 0.9], losses=[1, 1, 1, 1, 0.6, 0.5, 0.4, 0.9])
+    assert best.best_epoch == 6  # windows ending at 6 and 7 tie on AUROC; 6 has the lower mean loss
+
+
+def test_start_epoch_and_last_selection():
+    best = BestWeights("val_loss", "min", start_epoch=3)
+    _feed(best, [0.1, 0.2, 0.3, 0.5, 0.4])
+    assert best.best_epoch == 4
+    last = BestWeights("val_loss", "min", selection="last")
+    _feed(last, [0.1, 0.2, 0.3])
+    assert last.best_epoch == 2
+
+
+def test_patience_stops_only_after_min_steps():
+    best = BestWeights("val_auroc", "max", patience=2, min_steps=60)
+    _feed(best, [0.9, 0.5, 0.5, 0.5, 0.5, 0.5, 0.5])
+    assert best.best_epoch == 0  # global_step = 10 x epoch: the stop comes at epoch 6, not 2
+
+
+def test_budget_counts_optimiser_steps():
+    assert budget_epochs(n_train=19, batch_size=1, max_epochs=40, min_steps=2000) == 106  # small cohort: more epochs
+    assert budget_epochs(n_train=800, batch_size=1, max_epochs=40, min_steps=2000) == 40
+    assert budget_epochs(n_train=800, batch_size=8, max_epochs=40, min_steps=2000, world_size=2) == 40
+
+
+def test_warnings_for_an_early_epoch_or_chance_auroc():
+    w = training_warnings(0, 40, {"epoch": 0, "val_auroc": 0.8}, {}, [])
+    assert len(w) == 1 and "first epochs" in w[0]
+    w = training_warnings(30, 40, {"epoch": 30, "val_auroc": 0.45}, {}, [])
+    assert len(w) == 1 and "chance" in w[0]
+    assert training_warnings(30, 40, {"epoch": 30, "val_auroc": 0.9}, {}, []) == []
+
+
+def test_fold_warnings_reach_summary_json_and_md(tmp_path, cohort_overrides, fast_overrides, monkeypatch):
+    import mil.training
+
+    monkeypatch.setattr(mil.training, "training_warnings", lambda *a: ["kept epoch 0 of 4: barely trained"])
+    out = run_crossval(load_config([*cohort_overrides, *fast_overrides, "cv.folds=2", f"output_dir={tmp_path / 'cv'}"]))
+    summary = json.loads((out / "fold_0" / "summary.json").read_text())
+    assert summary["warnings"] == ["kept epoch 0 of 4: barely trained"]
+    md = (out / "summary.md").read_text()
+    assert "2 of 2 folds may not have learnt" in md and "barely trained" in md
+
+
+def test_validation_loss_does_not_depend_on_eval_batch_size(tmp_path, cohort_overrides, fast_overrides):
+    """The selecting loss is a mean over validation bags, not over batches of them."""
+    losses = []
+    for eval_batch in (1, 3):
+        out = run_crossval(load_config([*cohort_overrides, *fast_overrides, "cv.folds=2", "train.max_epochs=1",
+                                        "train.monitor=val_loss", "train.monitor_window=1",
+                                        f"train.eval_batch_size={eval_batch}", f"output_dir={tmp_path / str(eval_batch)}"]))
+        losses.append(json.loads((out / "fold_0" / "summary.json").read_text())["best_val_loss"])
+    assert losses[0] == pytest.approx(losses[1], rel=1e-5)
