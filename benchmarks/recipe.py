@@ -67,7 +67,7 @@ FAMILIES: dict[str, tuple[dict[str, Any], int, str]] = {
                    "1,000 patients, 5% witnesses, 5 sites"),
 }
 
-OLD_DEFAULTS = ["train.batch_size=8", "train.scheduler=cosine", "train.warmup_steps=0", "train.min_steps=0",
+OLD_DEFAULTS = ["train.lr=2e-4", "train.batch_size=8", "train.scheduler=cosine", "train.warmup_steps=0", "train.min_steps=0",
                 "train.monitor=val_loss", "train.monitor_window=1", "train.selection=best", "train.patience=10",
                 "train.max_epochs=40"]
 RECIPES: dict[str, list[str]] = {

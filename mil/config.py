@@ -63,7 +63,7 @@ class TrainConfig:
     bag_size: int | None = 512  # tiles sampled per bag in training (None: full bags)
     eval_batch_size: int = 1  # full bags at evaluation
     optimizer: str = "adamw"  # "adamw", "adam" (L2 in the gradient) or "sgd" (with momentum)
-    lr: float = 2e-4
+    lr: float = 5e-4
     weight_decay: float = 1e-2
     momentum: float = 0.9  # sgd only
     scheduler: str = "constant"  # after warm-up: "constant", "cosine" (to min_lr_ratio * lr); "none": no warm-up

@@ -117,3 +117,32 @@ def test_validation_loss_does_not_depend_on_eval_batch_size(tmp_path, cohort_ove
                                         f"train.eval_batch_size={eval_batch}", f"output_dir={tmp_path / str(eval_batch)}"]))
         losses.append(json.loads((out / "fold_0" / "summary.json").read_text())["best_val_loss"])
     assert losses[0] == pytest.approx(losses[1], rel=1e-5)
+
+
+OLD_DEFAULTS = ["train.lr=2e-4", "train.batch_size=8", "train.scheduler=cosine", "train.warmup_steps=0", "train.min_steps=0",
+                "train.max_epochs=40", "train.monitor=val_loss", "train.monitor_window=1", "train.selection=best",
+                "train.patience=10"]
+
+
+def test_default_recipe_learns_a_sparse_cohort_that_the_old_defaults_miss(tmp_path):
+    """8% witness tiles in 40 small patients (16 training bags a fold): 80 optimiser steps do not find them.
+
+    Measured when written: the default recipe 0.93 pooled AUROC, the old defaults 0.52 (and the
+    new recipe at the old learning rate of 2e-4: 0.67).
+    """
+    from mil.synthetic import make_synthetic_cohort
+
+    c = make_synthetic_cohort(tmp_path / "c", 40, dim=16, slides_per_patient=(1, 1), tiles_per_slide=(60, 100),
+                              signal_fraction=0.08, strength=4.0, tissue_states=4, seed=11)
+    base = [f"cohort.clinical_csv={c.clinical_csv}", f"cohort.slide_csv={c.slide_csv}",
+            f"cohort.features_dir={c.features_dir}", "cohort.target=MSI", "cv.folds=2", "cv.bootstrap=20",
+            "model.args={hidden_dim: 64, attn_dim: 32}", "train.min_steps=600", "trainer.accelerator=cpu",
+            "trainer.logger=none", "trainer.enable_progress_bar=false"]
+
+    def auroc(extra: list[str], name: str) -> float:
+        out = run_crossval(load_config([*base, *extra, f"output_dir={tmp_path / name}"]))
+        return json.loads((out / "metrics.json").read_text())["pooled"]["auroc"]["value"]
+
+    new, old = auroc([], "new"), auroc(OLD_DEFAULTS, "old")
+    assert new >= 0.85, new
+    assert old <= new - 0.2, (old, new)
