@@ -126,6 +126,7 @@ class ViewerData:
         self.locator = SlideLocator(self.cfg)
         self.predictions_source, self.predictions = self._read_predictions(predictions)
         self._views: dict[str, SlideView] = {}
+        self._rows: dict | None = None
         self._cohort_ref: np.ndarray | None = None  # sorted relative attention of every cohort tile
         self._compute = threading.Lock()  # one attention pass at a time (the models are shared work)
         self._zoom: OrderedDict[str, object] = OrderedDict()
@@ -160,7 +161,12 @@ class ViewerData:
         return None if rows.empty else rows.iloc[0].to_dict()
 
     def cohort_rows(self) -> dict:
-        """JSON for the cohort page: one row per bag with label, fold, probability and called class."""
+        """JSON for the cohort page: one row per bag with label, fold, probability and called class (built once)."""
+        if self._rows is None:
+            self._rows = self._cohort_rows()
+        return self._rows
+
+    def _cohort_rows(self) -> dict:
         classes = self.run.classes if str(self.run.config.task.type) == "classification" else []
         positive = classes[-1] if classes else None
         rows = []
