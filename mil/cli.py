@@ -64,6 +64,22 @@ def cmd_heatmap(args: argparse.Namespace) -> None:
     print(f"heatmaps written: {len(written)} files in {', '.join(folders)}")
 
 
+def cmd_view(args: argparse.Namespace) -> None:
+    import socket
+
+    from mil.view import open_viewer
+
+    viewer = open_viewer(args.run_dir, args.config, host=args.host, port=args.port, predictions=args.predictions,
+                         top_k=args.top_k)
+    if args.host != "127.0.0.1":
+        print(f"WARNING: serving on {args.host}, not only this machine: anyone who can reach it and has the link "
+              "sees the slides. Prefer the default (127.0.0.1) and an SSH tunnel.", file=sys.stderr)
+    print(f"mil view: serving {args.run_dir} (Ctrl-C to stop). From another machine, tunnel first:\n"
+          f"    ssh -L {viewer.port}:127.0.0.1:{viewer.port} {socket.gethostname()}\nthen open\n    {viewer.url}",
+          flush=True)
+    viewer.serve_forever()
+
+
 def cmd_report(args: argparse.Namespace) -> None:
     from mil.report import report_predictions
 
@@ -147,6 +163,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--top-k", type=int, default=8, help="tiles shown in the top and bottom rows (default 8)")
     p.add_argument("--out", help="output folder")
     p.add_argument("--class", dest="target_class", help="class map for per-class models (default: the predicted class)")
+    p = add("view", cmd_view, "review a run's predictions and attention on the slides, in a browser",
+            "Serve a cohort page (label, fold, probability, called class per bag) and per slide a zoomable viewer "
+            "(Deep Zoom from the slide file) with the attention overlay, tissue mask, hover read-out and top/bottom "
+            "tiles. Listens on 127.0.0.1 with a random token in the printed link; reach it with an SSH tunnel.")
+    p.add_argument("run_dir", help="a finished `mil crossval` or `mil train` output folder")
+    p.add_argument("config", nargs="*", help="YAML file(s) and key=value overrides (e.g. slides.dir=..., cohort.*)")
+    p.add_argument("--port", type=int, default=8765, help="port (default 8765; 0: any free port)")
+    p.add_argument("--host", default="127.0.0.1",
+                   help="address to listen on (default 127.0.0.1; another one exposes the slides to the network)")
+    p.add_argument("--predictions", help="predictions.csv to show (default: the run's own, for the run's cohort)")
+    p.add_argument("--top-k", type=int, default=12, help="tiles in the top and bottom galleries (default 12)")
     p = add("report", cmd_report, "metrics and plots for a predictions.csv",
             "Re-compute metrics with bootstrap intervals and redraw ROC, PR and calibration plots for any predictions.csv "
             "(from crossval or predict), or for a run folder.")
