@@ -182,7 +182,7 @@ def main() -> None:
         "| workers | pipeline tiles/s | plain loop tiles/s | x plain loop | note |",
         "| --- | --- | --- | --- | --- |",
         *[f"| {r['workers']} | {r['tiles_per_s']:.0f} | {r['plain_tiles_per_s']:.0f} | {r['ratio_to_plain']:.2f} | "
-          f"{'more processes than the ' + str(cpus) + ' cores' if r['workers'] + 1 > cpus and r['workers'] > 1 else ''} |"
+          f"{'more workers than the ' + str(cpus) + ' cores' if r['workers'] > cpus else ''} |"
           for r in rows],
         "",
         f"Machine: {cpus} CPUs, {result['torch_threads']} torch threads, load average "
