@@ -31,7 +31,7 @@ def test_overrides_merge_in_order(tmp_path):
     a.write_text("train:\n  lr: 0.01\ncv:\n  folds: 3\n")
     cfg = load_config([str(a), "train.lr=0.5", "cohort.classes=[a,b]"])
     assert cfg.train.lr == 0.5 and cfg.cv.folds == 3 and list(cfg.cohort.classes) == ["a", "b"]
-    assert cfg.train.batch_size == 8  # schema default
+    assert cfg.train.batch_size == 1  # schema default
 
 
 @pytest.mark.parametrize(
