@@ -152,8 +152,12 @@ def _remove_stale_temporaries(path: Path) -> None:
         Path(tmp).unlink(missing_ok=True)
 
 
-def prepare_or_skip(ref: SlideRef, opt: ExtractOptions, out: Path, expected: dict) -> SlideResult | PreparedSlide:
-    """Skip a slide with a complete bag, or prepare it; never raises (failures become results)."""
+def prepare_or_skip(ref: SlideRef, opt: ExtractOptions, out: Path, expected: dict,
+                    defer_qc: Callable[[Callable[[], None]], None] | None = None) -> SlideResult | PreparedSlide:
+    """Skip a slide with a complete bag, or prepare it; never raises (failures become results).
+
+    ``defer_qc``: see :func:`encoders.prepare.prepare_slide`.
+    """
     start = time.perf_counter()
 
     def result(status: str, n: int = 0, reason: str = "") -> SlideResult:
@@ -169,7 +173,7 @@ def prepare_or_skip(ref: SlideRef, opt: ExtractOptions, out: Path, expected: dic
             return result(SKIPPED, existing.n_tiles, existing.reason)
     _remove_stale_temporaries(path)
     try:
-        return prepare_slide(ref, opt, out / "qc")
+        return prepare_slide(ref, opt, out / "qc", defer_qc)
     except Exception as e:  # one bad slide must not stop the run
         return _failed(ref, e, time.perf_counter() - start)
 
@@ -204,26 +208,42 @@ def extract_slides(refs: Sequence[SlideRef], encoder: TimmEncoder, opt: ExtractO
                    out: Path) -> Iterator[SlideResult]:
     """Results slide by slide, preparing the next slide in a thread while this one is encoded.
 
-    The next preparation starts only after this slide's loader workers are forked, so no
-    thread of ours is inside OpenSlide or another C library while ``fork`` copies its locks.
+    The thread renders this slide's QC PNG and then prepares the next slide only after this
+    slide's loader workers are forked, so no thread of ours is inside OpenSlide or another C
+    library while ``fork`` copies its locks. Neither is needed to encode this slide's tiles, so
+    both overlap its encoding instead of delaying it.
     """
     expected = {**encoder.bag_attrs(), "mpp": opt.target_mpp, "tile_px": opt.tile_px}
     with ThreadPoolExecutor(1, thread_name_prefix="slide-prep") as pool:
         upcoming: list[Future | None] = []
+        qc: list[list[Callable[[], None]]] = []  # per slide: its deferred QC rendering
 
         def start(i: int) -> None:
             if i < len(refs) and len(upcoming) <= i:
-                upcoming.append(pool.submit(prepare_or_skip, refs[i], opt, out, expected))
+                qc.append([])
+                upcoming.append(pool.submit(prepare_or_skip, refs[i], opt, out, expected, qc[i].append))
+
+        def background(i: int) -> None:  # after slide i's workers exist: its QC, then the next slide
+            while qc[i]:
+                pool.submit(_write_qc, refs[i], qc[i].pop())
+            start(i + 1)
 
         start(0)
         for i in range(len(refs)):
             item = upcoming[i].result()  # type: ignore[union-attr]
             upcoming[i] = None  # let the prepared slide be freed
             if isinstance(item, PreparedSlide):
-                yield encode_slide(item, encoder, opt, out, loader_started=lambda i=i: start(i + 1))
+                yield encode_slide(item, encoder, opt, out, loader_started=lambda i=i: background(i))
             else:
                 yield item
-            start(i + 1)  # no-op when the loader already started it
+            background(i)  # no-op when the loader already started it
+
+
+def _write_qc(ref: SlideRef, write: Callable[[], None]) -> None:
+    try:
+        write()
+    except Exception as e:  # a QC image must not fail the slide, whose bag is fine
+        logger.warning("slide %s: QC image not written (%s)", ref.slide_id, short_reason(e))
 
 
 def run_extract(cfg: DictConfig, shard: tuple[int, int] = (0, 1)) -> Path:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Callable
 from contextlib import closing
 from dataclasses import dataclass
 from pathlib import Path
@@ -75,10 +76,14 @@ class PreparedSlide:
         }
 
 
-def prepare_slide(ref: SlideRef, opt: ExtractOptions, qc_dir: Path) -> PreparedSlide:
+def prepare_slide(ref: SlideRef, opt: ExtractOptions, qc_dir: Path,
+                  defer_qc: Callable[[Callable[[], None]], None] | None = None) -> PreparedSlide:
     """Resolve mpp, detect tissue, keep the grid tiles with enough of it and write the QC PNG.
 
-    Raises :class:`SlideError` (naming the file) for unusable slides and slides without tissue.
+    ``defer_qc``: called with the function that renders and writes the QC PNG, to run it later
+    (e.g. in a background thread while the tiles are encoded: it is not needed to encode them);
+    by default it runs here. Raises :class:`SlideError` (naming the file) for unusable slides
+    and slides without tissue; their QC PNG is always written before the error.
     """
     start = time.perf_counter()
     with closing(open_slide(ref.path)) as slide:
@@ -98,8 +103,15 @@ def prepare_slide(ref: SlideRef, opt: ExtractOptions, qc_dir: Path) -> PreparedS
         f"{opt.tile_px} px at {opt.target_mpp:g} mpp = {plan.tile_size_level0:.1f} level-0 px; "
         f"read from level {plan.level}; slide {mpp:.4g} mpp ({mpp_source}), {width}x{height}",
     ]
-    save_qc(qc_dir / f"{ref.slide_id}.png",
-            render_qc(thumb, tissue.mask, coords, plan.tile_size_level0, (width, height), caption))
+
+    def write_qc() -> None:
+        save_qc(qc_dir / f"{ref.slide_id}.png",
+                render_qc(thumb, tissue.mask, coords, plan.tile_size_level0, (width, height), caption))
+
+    if len(grid) == 0 or len(coords) == 0 or defer_qc is None:
+        write_qc()  # a failing slide's QC is written before the error that points to it
+    else:
+        defer_qc(write_qc)
     if len(grid) == 0:
         raise SlideError(f"{ref.path}: slide of {width}x{height} px is smaller than one tile "
                          f"({plan.tile_size_level0:.0f} level-0 px at {opt.target_mpp:g} mpp)")

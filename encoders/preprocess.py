@@ -56,7 +56,8 @@ class TilePreprocess:
 
     def to_uint8(self, img: Image.Image) -> torch.Tensor:
         """Resize and crop a tile; returns uint8 ``[3, H, W]``."""
-        img = img.convert("RGB")
+        if img.mode != "RGB":  # tiles from `read_tile` are RGB already: no per-tile copy
+            img = img.convert("RGB")
         w, h = img.size
         short = min(w, h)
         if short != self.spec.resize_px:

@@ -95,7 +95,7 @@ def background_rgb(slide: openslide.OpenSlide) -> tuple[int, int, int]:
 
 def to_rgb(region: Image.Image, background: tuple[int, int, int] = (255, 255, 255)) -> Image.Image:
     """RGBA from ``read_region`` -> RGB, transparent (outside-scan) pixels on the background."""
-    if region.mode != "RGBA" or region.getextrema()[3][0] == 255:
+    if region.mode != "RGBA" or region.getchannel("A").getextrema()[0] == 255:  # one band: 2x faster
         return region.convert("RGB")
     canvas = Image.new("RGB", region.size, background)
     canvas.paste(region, mask=region.getchannel("A"))

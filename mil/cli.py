@@ -27,10 +27,28 @@ def _load(items: Sequence[str]):
 
 def cmd_crossval(args: argparse.Namespace) -> None:
     from mil.crossval import run_crossval
+    from mil.jobs import run_status
 
-    out = run_crossval(_load(args.config))
+    cfg = _load(args.config)
+    if args.launcher:
+        from mil.launch import launch_crossval
+
+        out = launch_crossval(cfg, args.launcher, folds=args.fold)
+    else:
+        out = run_crossval(cfg, folds=args.fold)
+    status = run_status(out)
+    if not status.pooled:
+        print(f"fold(s) {', '.join(map(str, args.fold or []))} finished; {status.table().splitlines()[0]}")
+        print(f"see `mil status {out}`; the last fold to finish writes the pooled results")
+        return
     plots = ", ".join(sorted(p.name for p in out.glob("*.png")))
     print(f"cross-validation finished: {out}/summary.md, metrics.json, predictions.csv, {plots}")
+
+
+def cmd_status(args: argparse.Namespace) -> None:
+    from mil.jobs import run_status
+
+    print(run_status(args.run_dir).table())
 
 
 def cmd_train(args: argparse.Namespace) -> None:
@@ -136,10 +154,22 @@ def build_parser() -> argparse.ArgumentParser:
         p.set_defaults(func=func)
         return p
 
-    add("crossval", cmd_crossval, "cross-validate a cohort of bags",
-        "Patient-level stratified k-fold cross-validation with an inner validation split for early stopping. "
-        "Writes splits.yaml, fold_<k>/ (model, predictions), predictions.csv, metrics.json, summary.md, roc.png, pr.png. "
-        "Rerunning into the same output_dir resumes.").add_argument("config", nargs="+", help=CONFIG_HELP)
+    p = add("crossval", cmd_crossval, "cross-validate a cohort of bags",
+            "Patient-level stratified k-fold cross-validation with an inner validation split for early stopping. "
+            "Writes splits.yaml, fold_<k>/ (model, predictions), predictions.csv, metrics.json, summary.md, roc.png, "
+            "pr.png. Rerunning into the same output_dir resumes. Folds can run as parallel jobs on one output_dir "
+            "(--fold, --launcher); the last to finish writes the pooled results.")
+    p.add_argument("config", nargs="+", help=CONFIG_HELP)
+    p.add_argument("--fold", type=int, action="append", metavar="K",
+                   help="run only fold K (0-based over all repeats, as listed in splits.yaml; repeatable), "
+                        "e.g. --fold $SLURM_ARRAY_TASK_ID; any number of such jobs may share the output_dir")
+    p.add_argument("--launcher", choices=["slurm", "local", "debug"],
+                   help="submit one job per fold with submitit (resources from launcher.*), wait, and pool; "
+                        "local: processes on this machine (pip install 'mil-pathology[slurm]')")
+    add("status", cmd_status, "which folds of a crossval run are finished, running, failed or not started",
+        "Read a `mil crossval` output folder: per fold, finished (predictions written), running (a job holds its "
+        "lock), failed (with the last line of its error), interrupted (started, no job holds it) or not started; "
+        "and whether the pooled results are written.").add_argument("run_dir", help="a `mil crossval` output folder")
     add("train", cmd_train, "train one model on the whole cohort (for deployment)",
         "Train a single model on all patients; a stratified validation split (cv.val_fraction) picks the epoch.",
         ).add_argument("config", nargs="+", help=CONFIG_HELP)
@@ -230,7 +260,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         _quiet_third_party()
     try:
         args.func(args)
-    except (ValueError, KeyError, FileNotFoundError, TypeError) as e:
+    except (ValueError, KeyError, FileNotFoundError, TypeError, ImportError) as e:
         if args.verbose:
             raise
         message = e.args[0] if isinstance(e, KeyError) and e.args else e

@@ -148,6 +148,17 @@ class LoaderConfig:
 
 
 @dataclass
+class LauncherConfig:
+    """Resources of each fold's job under ``mil crossval --launcher slurm`` (submitit)."""
+
+    partition: str | None = None  # SLURM partition (None: the cluster's default)
+    time: int = 240  # minutes per fold job
+    gpus: int = 0  # GPUs per fold job (e.g. 1 with trainer.accelerator=gpu)
+    cpus: int = 4  # CPU cores per fold job
+    mem: int = 32  # GiB of memory per fold job
+
+
+@dataclass
 class Config:
     cohort: CohortConfig = field(default_factory=CohortConfig)
     task: TaskConfig = field(default_factory=TaskConfig)
@@ -159,6 +170,7 @@ class Config:
     tiling: TilingConfig = field(default_factory=TilingConfig)
     encoder: EncoderConfig = field(default_factory=EncoderConfig)
     loader: LoaderConfig = field(default_factory=LoaderConfig)
+    launcher: LauncherConfig = field(default_factory=LauncherConfig)
     features_dir: str | None = None  # where `mil extract` writes bags
     output_dir: str = "runs/default"
 

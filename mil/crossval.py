@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import logging
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -28,6 +29,7 @@ from mil.cohort import Bag, Cohort, load_cohort
 from mil.config import ConfigError, load_config, require, save_config
 from mil.inference import load_weights, predict_outputs, resolve_device, save_weights
 from mil.io import atomic_path, write_json, write_text
+from mil.jobs import LAUNCHER_KEYS, fold_job, pooled_is_current, run_lock, select_folds
 from mil.models import create_model
 from mil.normalize import Standardized
 from mil.report import write_report
@@ -38,7 +40,7 @@ from mil.training import fit
 logger = logging.getLogger(__name__)
 
 # Keys that do not change results: a resumed run may differ in these.
-_RESUME_FREE = {"output_dir", "trainer.enable_progress_bar", "trainer.logger", "train.num_workers", "cv.split_file"}
+_RESUME_FREE = {"output_dir", "trainer.enable_progress_bar", "trainer.logger", "train.num_workers", "cv.split_file"} | LAUNCHER_KEYS
 _REQUIRED = ["cohort.slide_csv", "cohort.features_dir"]
 
 
@@ -194,29 +196,64 @@ def _splits(cfg: DictConfig, cohort: Cohort, task: Task, out: Path) -> list[Fold
     return folds
 
 
-def run_crossval(cfg: DictConfig) -> Path:
-    """Cross-validate ``cfg`` into ``cfg.output_dir``; returns the run folder."""
-    out, cohort, task = prepare_run(cfg, "crossval")
-    folds = _splits(cfg, cohort, task, out)
-    frames = []
-    for i, fold in enumerate(folds):
+def prepare_crossval(cfg: DictConfig) -> tuple[Path, int]:
+    """Write (or check) a cross-validation's ``config.yaml`` and ``splits.yaml``; returns the folder and fold count."""
+    with run_lock(cfg.output_dir):
+        out, cohort, task = prepare_run(cfg, "crossval")
+        return out, len(_splits(cfg, cohort, task, out))
+
+
+def run_crossval(cfg: DictConfig, folds: Sequence[int] | None = None) -> Path:
+    """Cross-validate ``cfg`` into ``cfg.output_dir``; returns the run folder.
+
+    ``folds``: indices into the list of folds over all repeats (as in ``splits.yaml``) to train
+    in this process, for parallel jobs on one folder (:mod:`mil.jobs`); the pooled results are
+    written once every fold is finished. ``None``: every fold, then (re)write the pooled results.
+    """
+    main = is_main_process()
+    with run_lock(cfg.output_dir, enabled=main):  # parallel jobs: the first writes config and splits, the others check
+        out, cohort, task = prepare_run(cfg, "crossval")
+        all_folds = _splits(cfg, cohort, task, out)
+    for i in select_folds(len(all_folds), folds):
+        fold = all_folds[i]
         fold_dir = out / fold.name
-        done = fold_dir / "predictions.csv"
-        if done.is_file():
-            logger.info("%s already finished, keeping it", fold.name)
-            frames.append(pd.read_csv(done, dtype={**{c: str for c in id_columns(cfg)}, **task.csv_dtypes()}))
-            continue
-        logger.info("%s (%d/%d): %d train, %d val, %d test patients", fold.name, i + 1, len(folds), len(fold.train), len(fold.val), len(fold.test))
-        frames.append(run_fold(cfg, cohort, fold, fold_dir, seed=cfg.train.seed + i))
-    if not is_main_process():
-        return out
-    predictions = pd.concat(frames, ignore_index=True)
-    _write_csv(predictions, out / "predictions.csv")
-    result = write_report(predictions, task.columns[0].name, cohort.classes, out, id_columns(cfg),
-                          n_boot=cfg.cv.bootstrap, seed=cfg.cv.seed, task=task)
-    append_training_health(out, [fold.name for fold in folds])
-    logger.info("%s; results in %s", task.headline(result), out)
+        with fold_job(out, fold.name, enabled=main):
+            if (fold_dir / "predictions.csv").is_file():
+                logger.info("%s already finished, keeping it", fold.name)
+                continue
+            logger.info("%s (%d/%d): %d train, %d val, %d test patients", fold.name, i + 1, len(all_folds), len(fold.train), len(fold.val), len(fold.test))
+            run_fold(cfg, cohort, fold, fold_dir, seed=cfg.train.seed + i)
+    if main:
+        pool_results(cfg, out, cohort, task, all_folds, force=folds is None)
     return out
+
+
+def pool_results(cfg: DictConfig, out: Path, cohort: Cohort, task: Task, folds: list[Fold], force: bool = True) -> bool:
+    """Write the pooled ``predictions.csv``, ``metrics.json``, ``summary.md`` and plots from the folds' predictions.
+
+    Only when every fold is finished; returns whether the pooled results are now current. Without
+    ``force`` they are written only when older than a fold's predictions, so of several jobs that
+    finish together one writes them. Every fold is read from its CSV, so a resumed or parallel run
+    pools exactly what a sequential one does.
+    """
+    with run_lock(out):
+        missing = [f.name for f in folds if not (out / f.name / "predictions.csv").is_file()]
+        if missing:
+            logger.info("%d of %d folds finished; the pooled results are written when the last one is (waiting: %s)",
+                        len(folds) - len(missing), len(folds), ", ".join(missing[:5]) + (" ..." if len(missing) > 5 else ""))
+            return False
+        if not force and pooled_is_current(out, [f.name for f in folds]):
+            logger.info("pooled results in %s are current", out)
+            return True
+        dtypes = {**{c: str for c in id_columns(cfg)}, **task.csv_dtypes()}
+        predictions = pd.concat([pd.read_csv(out / f.name / "predictions.csv", dtype=dtypes) for f in folds],
+                                ignore_index=True)
+        _write_csv(predictions, out / "predictions.csv")
+        result = write_report(predictions, task.columns[0].name, cohort.classes, out, id_columns(cfg),
+                              n_boot=cfg.cv.bootstrap, seed=cfg.cv.seed, task=task)
+        append_training_health(out, [f.name for f in folds])
+    logger.info("%s; results in %s", task.headline(result), out)
+    return True
 
 
 def append_training_health(out: Path, fold_names: list[str]) -> None:

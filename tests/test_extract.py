@@ -253,3 +253,18 @@ def test_torchrun_environment_sets_the_default_shard(monkeypatch):
     assert resolve_shard((1, 3)) == (1, 3)  # an explicit --shard wins
     with pytest.raises(ConfigError):
         resolve_shard((3, 3))
+
+
+def test_torchrun_two_processes_write_one_folder(three_slides, tmp_path):
+    """`torchrun --nproc-per-node 2 -m mil extract`: each process takes shard RANK/WORLD_SIZE."""
+    out = tmp_path / "bags"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
+           "-m", "mil", "extract", *cfg_args(three_slides, out)]
+    proc = subprocess.run(cmd, capture_output=True, text=True, cwd=REPO, timeout=300,
+                          env={**SUBPROCESS_ENV, "PYTHONPATH": str(REPO)})
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    shards = [summary(out / f"extract_summary.shard{i}of2.csv") for i in range(2)]
+    assert sorted(shards[0]) == ["alpha", "gamma"] and sorted(shards[1]) == ["beta"]
+    assert all(r["status"] == "done" for s in shards for r in s.values())
+    run_extract(extract_cfg(three_slides, tmp_path / "single"))
+    same_bags(out, tmp_path / "single")

@@ -1,0 +1,148 @@
+"""Cross-validation folds as parallel jobs on one output folder (`--fold`, `mil status`, submitit)."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pandas as pd
+import pytest
+
+from mil.config import ConfigError, load_config
+from mil.crossval import run_crossval
+from mil.jobs import FAILED, FINISHED, INTERRUPTED, NOT_STARTED, RUNNING, run_status, select_folds
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _env() -> dict[str, str]:
+    # One thread, as in this test process (conftest), so floating-point sums match exactly.
+    return {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
+
+
+def _overrides(tmp_path, cohort_overrides, fast_overrides, name):
+    return [*cohort_overrides, *fast_overrides, "train.max_epochs=2", f"output_dir={tmp_path / name}"]
+
+
+def _pooled(out: Path) -> pd.DataFrame:
+    return pd.read_csv(out / "predictions.csv", dtype={"patient_id": str})
+
+
+def test_parallel_fold_jobs_equal_a_sequential_run(tmp_path, cohort_overrides, fast_overrides):
+    """Three `--fold K` processes started together on one folder pool to the sequential run's predictions."""
+    sequential = run_crossval(load_config(_overrides(tmp_path, cohort_overrides, fast_overrides, "seq")))
+    items = _overrides(tmp_path, cohort_overrides, fast_overrides, "par")
+    procs = [
+        subprocess.Popen([sys.executable, "-m", "mil", "crossval", *items, "--fold", str(k)], env=_env(),
+                         stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        for k in range(3)
+    ]
+    logs = [p.communicate(timeout=300)[0] for p in procs]
+    assert all(p.returncode == 0 for p in procs), "\n\n".join(logs)
+    out = tmp_path / "par"
+    assert (out / "splits.yaml").read_text() == (sequential / "splits.yaml").read_text()
+    pd.testing.assert_frame_equal(_pooled(out), _pooled(sequential), check_exact=True)
+    assert (out / "metrics.json").read_text() == (sequential / "metrics.json").read_text()
+    # Exactly one job wrote the pooled results; the others reported the run as incomplete or current.
+    assert sum("auroc" in log.lower() and "results in" in log for log in logs) == 1, "\n\n".join(logs)
+    status = run_status(out)
+    assert status.pooled and [f.state for f in status.folds] == [FINISHED] * 3
+
+
+def test_fold_selection_then_plain_run_only_pools(tmp_path, cohort_overrides, fast_overrides, monkeypatch):
+    cfg = load_config(_overrides(tmp_path, cohort_overrides, fast_overrides, "run"))
+    out = run_crossval(cfg, folds=[2, 0])
+    status = run_status(out)
+    assert [f.state for f in status.folds] == [FINISHED, NOT_STARTED, FINISHED] and not status.pooled
+    assert not (out / "predictions.csv").exists()
+    run_crossval(cfg, folds=[1])  # the last fold pools
+    assert run_status(out).pooled
+    pooled = _pooled(out)
+    (out / "predictions.csv").unlink()
+
+    import mil.crossval
+
+    def no_training(*a, **kw):
+        raise AssertionError("a finished fold was trained again")
+
+    monkeypatch.setattr(mil.crossval, "run_fold", no_training)
+    run_crossval(cfg)  # every fold finished: only pools
+    pd.testing.assert_frame_equal(_pooled(out), pooled, check_exact=True)
+
+
+def test_fold_index_out_of_range_names_the_valid_range():
+    assert select_folds(4, None) == [0, 1, 2, 3]
+    assert select_folds(4, [3, 1, 3]) == [3, 1]
+    with pytest.raises(ValueError, match=r"--fold 4, 7: the run has 4 folds, numbered 0 to 3"):
+        select_folds(4, [0, 4, 7])
+
+
+def test_fold_job_with_a_different_config_is_refused(tmp_path, cohort_overrides, fast_overrides):
+    items = _overrides(tmp_path, cohort_overrides, fast_overrides, "run")
+    run_crossval(load_config(items), folds=[0])
+    with pytest.raises(ConfigError, match=r"train.lr"):
+        run_crossval(load_config([*items, "train.lr=1e-2"]), folds=[1])
+    # Where and how jobs run is not part of the result: launcher.* may differ.
+    run_crossval(load_config([*items, "launcher.cpus=2", "launcher.partition=gpu"]), folds=[1])
+
+
+def test_status_reports_failed_running_and_interrupted_folds(tmp_path, cohort_overrides, fast_overrides, monkeypatch):
+    import mil.crossval
+
+    cfg = load_config(_overrides(tmp_path, cohort_overrides, fast_overrides, "run"))
+
+    def broken(cfg, cohort, fold, fold_dir, seed):
+        fold_dir.mkdir(parents=True, exist_ok=True)
+        raise RuntimeError(f"CUDA out of memory in {fold.name}")
+
+    monkeypatch.setattr(mil.crossval, "run_fold", broken)
+    with pytest.raises(RuntimeError):
+        run_crossval(cfg, folds=[1])
+    monkeypatch.undo()
+    out = run_crossval(cfg, folds=[0])
+    (out / "fold_2").mkdir()  # started by a job that was killed
+    status = run_status(out)
+    assert [f.state for f in status.folds] == [FINISHED, FAILED, INTERRUPTED]
+    assert status.folds[1].detail == "RuntimeError: CUDA out of memory in fold_1"
+    # A fold whose lock another process holds is running.
+    holder = subprocess.Popen(
+        [sys.executable, "-c", "import sys, time; from filelock import FileLock; l = FileLock(sys.argv[1]); "
+         "l.acquire(); print('held', flush=True); time.sleep(60)", str(out / ".locks" / "fold_2.lock")],
+        stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        assert run_status(out).folds[2].state == RUNNING
+    finally:
+        holder.kill()
+        holder.wait()
+    assert run_status(out).folds[2].state == INTERRUPTED
+    text = run_status(out).table()
+    assert "1 finished, 1 failed, 1 interrupted" in text and "CUDA out of memory" in text
+    # The CLI prints the same table.
+    from mil.cli import main
+
+    assert main(["status", str(out)]) == 0
+    assert main(["status", str(tmp_path / "nothing")]) == 2
+
+
+def test_submitit_local_launcher(tmp_path, cohort_overrides, fast_overrides):
+    """`--launcher local`: submitit's local executor runs one process per fold, then the launcher pools."""
+    pytest.importorskip("submitit")
+    from mil.launch import launch_crossval
+
+    items = _overrides(tmp_path, cohort_overrides, fast_overrides, "run")
+    old = os.environ.get("PYTHONPATH")
+    os.environ.update({k: v for k, v in _env().items() if k in ("PYTHONPATH", "OMP_NUM_THREADS", "MKL_NUM_THREADS")})
+    try:
+        out = launch_crossval(load_config([*items, "launcher.cpus=1", "launcher.time=10"]), "local")
+    finally:
+        if old is None:
+            os.environ.pop("PYTHONPATH")
+        else:
+            os.environ["PYTHONPATH"] = old
+    status = run_status(out)
+    assert status.pooled and [f.state for f in status.folds] == [FINISHED] * 3
+    assert len(_pooled(out)) == 30
+    assert len(list((out / "jobs").glob("*/*_log.out"))) == 3  # one submitit job per fold
