@@ -7,8 +7,10 @@ import os
 import subprocess
 import sys
 
+import numpy as np
 import pandas as pd
 import pytest
+import torch
 from omegaconf import OmegaConf
 
 import mil.crossval
@@ -139,10 +141,22 @@ def test_slide_level_crossval(tmp_path, cohort_overrides, fast_overrides):
 
 
 def test_train_writes_one_model(tmp_path, cohort_overrides, fast_overrides):
-    out = run_train(_cfg(tmp_path, cohort_overrides, fast_overrides))
-    assert (out / "model.safetensors").is_file() and (out / "summary.json").is_file()
+    import lightning as L
+    from safetensors.torch import load_file
+
+    cfg = _cfg(tmp_path, cohort_overrides, fast_overrides)
+    out = run_train(cfg)
+    (split,) = load_splits(out / "splits.yaml", set(load_cohort(cfg.cohort).patient_ids.tolist()))
+    assert not set(split.train) & set(split.val) and len(split.train) + len(split.val) == 30 and not split.test
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["n_train"] == len(split.train) and 0 <= summary["best_epoch"] < 4
     model = mil.crossval.load_run_model(out, out / "model.safetensors")
-    assert sum(p.numel() for p in model.parameters()) > 0
+    saved = load_file(out / "model.safetensors")
+    loaded = model.state_dict()
+    assert saved.keys() == loaded.keys() and all(torch.equal(saved[k], loaded[k]) for k in saved)
+    L.seed_everything(cfg.train.seed, verbose=False)  # the initial weights, as _train_one draws them
+    initial = mil.crossval.build_model(cfg, 16, 2).state_dict()
+    assert any(not torch.equal(initial[k], loaded[k]) for k in initial), "the saved weights were never trained"
 
 
 def test_cli_error_is_one_clear_line(tmp_path, cohort_overrides):
@@ -156,16 +170,39 @@ def test_cli_error_is_one_clear_line(tmp_path, cohort_overrides):
 
 
 @pytest.mark.skipif(sys.platform != "linux", reason="DDP test uses gloo on Linux")
-def test_ddp_two_cpu_processes(tmp_path, cohort_overrides, fast_overrides):
-    """`trainer.devices=2 trainer.strategy=ddp` trains through Lightning's DDP (gloo on CPU)."""
+def test_ddp_validation_counts_each_bag_once(tmp_path, cohort_overrides, fast_overrides):
+    """`trainer.devices=2 trainer.strategy=ddp` (gloo on CPU): the two processes validate disjoint bags that
+    together are the whole validation split, and the gathered metrics equal scikit-learn's on all of them."""
+    from pathlib import Path
+
+    from sklearn.metrics import accuracy_score, roc_auc_score
+
+    records = tmp_path / "records"
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    script = Path(__file__).with_name("ddp_validation.py")
     proc = subprocess.run(
-        [sys.executable, "-m", "mil", "train", *cohort_overrides, *fast_overrides, "trainer.devices=2",
-         "trainer.strategy=ddp", "train.max_epochs=2", f"output_dir={tmp_path / 'ddp'}"],
+        [sys.executable, str(script), str(records), *cohort_overrides, *fast_overrides, "trainer.devices=2",
+         "trainer.strategy=ddp", "train.max_epochs=2", "cohort.bag_level=slide", "cv.val_fraction=0.25",
+         f"output_dir={tmp_path / 'ddp'}"],
         capture_output=True, text=True, env=env, timeout=300,
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert (tmp_path / "ddp" / "model.safetensors").is_file()
+    val_patients = set(OmegaConf.load(tmp_path / "ddp" / "splits.yaml")[0].val)
+    n_val = int(pd.read_csv(load_config(cohort_overrides).cohort.slide_csv).patient_id.isin(val_patients).sum())
+    assert n_val % 2 == 1, "an odd split is what a padding sampler gets wrong"
+    for epoch in range(2):
+        ranks = [json.loads((records / f"rank{r}_epoch{epoch}.json").read_text()) for r in range(2)]
+        assert [r["world_size"] for r in ranks] == [2, 2]
+        seen = [[s[0] for s in r["seen"]] for r in ranks]
+        assert not set(seen[0]) & set(seen[1]) and sorted(seen[0] + seen[1]) == list(range(n_val))
+        rows = [s for r in ranks for s in r["seen"]]
+        y = [t for _, _, t in rows]
+        logits = np.array([logits for _, logits, _ in rows])
+        p1 = 1 / (1 + np.exp(logits[:, 0] - logits[:, 1]))  # softmax, positive class
+        for r in ranks:  # every process logged the metrics of the whole split
+            assert r["metrics"]["val_auroc"] == pytest.approx(roc_auc_score(y, p1), abs=1e-5)
+            assert r["metrics"]["val_accuracy"] == pytest.approx(accuracy_score(y, p1 > 0.5), abs=1e-5)
 
 
 @pytest.mark.parametrize("name", __import__("mil.models", fromlist=["MODELS"]).MODELS.names())
