@@ -4,8 +4,9 @@ A run folder holds ``config.yaml`` (the resolved config, enough to rerun), ``run
 (what prediction needs: task type, label columns and class order, feature dimension, encoder
 identity), ``skipped.csv``,
 and for cross-validation ``splits.yaml``, ``fold_<k>/`` and the pooled results. A fold is
-finished when its ``predictions.csv`` exists (written last, atomically), so a rerun into the
-same folder keeps finished folds and redoes an interrupted one.
+finished when its ``predictions.csv`` exists (written last, atomically); a rerun into the
+same folder keeps finished folds whose ``provenance.json`` (:mod:`mil.provenance`) still matches
+the data, and redoes interrupted folds and folds computed from other data.
 """
 
 from __future__ import annotations
