@@ -14,12 +14,13 @@ import csv
 import glob
 import io
 import logging
+import math
 import os
 import sys
 import time
 from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
-from contextlib import contextmanager
+from contextlib import closing, contextmanager
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -32,8 +33,9 @@ from tqdm.auto import tqdm
 from encoders.dataset import SlideTiles
 from encoders.models import ENCODERS, TimmEncoder, create_encoder
 from encoders.prepare import ExtractOptions, PreparedSlide, prepare_slide
-from encoders.slides import SlideRef
+from encoders.slides import SlideRef, open_slide, resolve_mpp
 from encoders.sources import check_shard, list_slides, shard_slides
+from encoders.tiling import plan_tiles
 from mil.bags import BagError, read_bag_info, write_bag
 from mil.config import require
 from mil.io import write_text
@@ -131,8 +133,24 @@ def encode_tiles(tiles: SlideTiles, encoder: TimmEncoder, batch_size: int, worke
     return features
 
 
-def _existing_bag(path: Path, expected: dict) -> SlideResult | str | None:
-    """None: (re)extract. A string: why the existing bag conflicts. Else the skip result."""
+def slide_geometry(ref: SlideRef, opt: ExtractOptions) -> dict[str, float]:
+    """The resolved level-0 mpp of a slide and the level-0 size of its tiles under ``opt``.
+
+    Raises :class:`SlideError` when the slide cannot be opened or has no resolution.
+    """
+    with closing(open_slide(ref.path)) as slide:
+        mpp, _ = resolve_mpp(slide, ref, opt.mpp_fallback)
+        plan = plan_tiles(mpp, opt.target_mpp, opt.tile_px, slide.level_downsamples)
+    return {"slide_mpp": plan.slide_mpp, "tile_size_level0": plan.tile_size_level0}
+
+
+def _existing_bag(path: Path, expected: dict, geometry: dict[str, float] | None = None) -> SlideResult | str | None:
+    """None: (re)extract. A string: why the existing bag conflicts. Else the skip result.
+
+    Besides the encoder and tiling settings (``expected``), the slide's resolved resolution and
+    level-0 tile size (``geometry``) must match: a slide without mpp metadata extracted with
+    another ``slides.mpp`` covers other tissue per tile.
+    """
     try:
         info = read_bag_info(path)
     except BagError as e:
@@ -140,6 +158,10 @@ def _existing_bag(path: Path, expected: dict) -> SlideResult | str | None:
         return None
     diff = [f"{k}={info.attrs.get(k)!r} (this run: {expected[k]!r})" for k in MATCH_ATTRS
             if str(info.attrs.get(k)) != str(expected[k])]
+    for key, value in (geometry or {}).items():
+        recorded = info.attrs.get(key)
+        if recorded is None or not math.isclose(float(recorded), value, rel_tol=1e-6):
+            diff.append(f"{key}={recorded!r} (this run: {value!r})")
     if diff:
         return (f"existing bag {path} was made differently: {', '.join(diff)}; "
                 f"use another features_dir or delete it")
@@ -165,7 +187,11 @@ def prepare_or_skip(ref: SlideRef, opt: ExtractOptions, out: Path, expected: dic
 
     path = bag_path(out, ref.slide_id)
     if path.exists():
-        existing = _existing_bag(path, expected)
+        try:
+            geometry = slide_geometry(ref, opt)
+        except Exception as e:  # the slide itself fails: report it as a failed slide
+            return _failed(ref, e, time.perf_counter() - start)
+        existing = _existing_bag(path, expected, geometry)
         if isinstance(existing, str):
             logger.error("slide %s: %s", ref.slide_id, existing)
             return result(FAILED, reason=existing)

@@ -12,6 +12,7 @@ Bags written by CLAM and TRIDENT (``features``, ``coords``) and by STAMP (``feat
 
 from __future__ import annotations
 
+import logging
 import os
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -24,11 +25,15 @@ import numpy as np
 from mil import __version__
 from mil.io import atomic_path
 
+logger = logging.getLogger(__name__)
+
 FORMAT_VERSION = 1
 FEATURE_KEYS = ("features", "feats")  # ours/CLAM/TRIDENT, then STAMP
 COORDS_KEY = "coords"
-# Attributes that identify the feature space: bags that differ in any of these cannot be mixed.
-IDENTITY_ATTRS = ("encoder", "encoder_weights", "embedding")
+# Attributes that identify the feature space: bags that differ in any of these cannot be mixed,
+# and a model only applies to bags that agree with its training bags in all of them. The
+# resolution (µm/px) and tile size change what a tile shows, hence what its feature means.
+IDENTITY_ATTRS = ("encoder", "encoder_weights", "embedding", "mpp", "tile_px")
 # Attributes our writers record (encoders may add more, e.g. slide geometry).
 PROVENANCE_ATTRS = (
     *IDENTITY_ATTRS,
@@ -62,8 +67,18 @@ class BagInfo:
 
     @property
     def identity(self) -> dict[str, str]:
-        """The encoder identity of the features (``"unknown"`` for foreign bags)."""
-        return {k: str(self.attrs.get(k, UNKNOWN)) for k in IDENTITY_ATTRS}
+        """The identity of the feature space (see :data:`IDENTITY_ATTRS`); ``"unknown"`` where a bag
+        (e.g. from another tool) does not record an attribute."""
+        return {k: identity_value(self.attrs.get(k, UNKNOWN)) for k in IDENTITY_ATTRS}
+
+
+def identity_value(value: Any) -> str:
+    """An identity attribute as a comparable string: numbers to 6 significant digits (0.5 == 0.50000001)."""
+    if isinstance(value, bool):
+        return str(value)
+    if isinstance(value, (int, float, np.integer, np.floating)):
+        return f"{float(value):.6g}"
+    return str(value)
 
 
 def _decode(value: Any) -> Any:
@@ -139,6 +154,25 @@ def read_features(path: str | os.PathLike, indices: np.ndarray | None = None) ->
     return x
 
 
+def count_nonfinite_tiles(path: str | os.PathLike, chunk_rows: int = 8192) -> int:
+    """Number of tiles (rows) with a NaN or inf feature, reading ``chunk_rows`` rows at a time.
+
+    Memory stays at one chunk (a 8192 x 2560 float16 chunk is 40 MB) for bags of any size.
+    """
+    path = Path(path)
+    bad = 0
+    with _open(path) as f:
+        ds = f[_feature_key(f, path)]
+        n = ds.shape[1] if ds.ndim == 3 else ds.shape[0]
+        try:
+            for start in range(0, n, chunk_rows):
+                x = ds[0, start : start + chunk_rows] if ds.ndim == 3 else ds[start : start + chunk_rows]
+                bad += int((~np.isfinite(x)).any(axis=1).sum())
+        except OSError as e:
+            raise BagError(f"{path}: features cannot be read ({e})") from None
+    return bad
+
+
 def read_coords(path: str | os.PathLike) -> np.ndarray | None:
     """Read the [N, 2] level-0 tile coordinates, or ``None`` when the bag has none."""
     path = Path(path)
@@ -170,8 +204,18 @@ def write_bag(
         coords = np.asarray(coords)
         if coords.shape != (features.shape[0], 2):
             raise BagError(f"{path}: coords shape {coords.shape} does not match features {features.shape}")
+    with np.errstate(over="ignore"):  # checked just below
+        stored = features.astype(dtype)
+    if not np.isfinite(stored).all():  # e.g. |x| > 65504 overflows float16 to inf
+        logger.warning(
+            "%s: features up to %.4g overflow %s; keeping float32 for this bag",
+            path, float(np.abs(features).max()), dtype,
+        )
+        stored = features.astype(np.float32)
+        if not np.isfinite(stored).all():
+            raise BagError(f"{path}: features up to {float(np.abs(features).max()):.4g} overflow float32")
     with atomic_path(path) as tmp, h5py.File(tmp, "w") as f:
-        f.create_dataset("features", data=features.astype(dtype))
+        f.create_dataset("features", data=stored)
         if coords is not None:
             f.create_dataset(COORDS_KEY, data=coords.astype(np.int64))
         f.attrs["format_version"] = FORMAT_VERSION

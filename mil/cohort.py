@@ -16,7 +16,7 @@ import numpy as np
 import pandas as pd
 from omegaconf import DictConfig
 
-from mil.bags import BagInfo, read_bag_info
+from mil.bags import IDENTITY_ATTRS, UNKNOWN, BagInfo, identity_value, read_bag_info
 
 logger = logging.getLogger(__name__)
 
@@ -217,7 +217,7 @@ def load_cohort(
     slides = slides.loc[keep]
     if not infos:
         raise CohortError(f"no usable bags: none of the {len(keep) + len(skipped)} listed slides has a bag in {features_dir}")
-    _check_consistent(list(infos.values()))
+    identity = _check_consistent(list(infos.values()), dict(cfg.get("bag_identity") or {}))
 
     columns = [
         replace(c, classes=sorted(slides[c.name].dropna().unique().tolist()))
@@ -235,22 +235,55 @@ def load_cohort(
     classes = list(columns[0].classes or []) if columns and columns[0].kind == "category" else []
     logger.info("cohort: %d bags, %d patients, label columns %s", len(bags), len({b.patient_id for b in bags}),
                 ", ".join(c.name + (f" {c.classes}" if c.classes else f" ({c.kind})") for c in columns) or "none")
-    return Cohort(bags, classes, first.dim, first.identity, cfg.bag_level, skipped_df, columns)
+    return Cohort(bags, classes, first.dim, identity, cfg.bag_level, skipped_df, columns)
 
 
-def _check_consistent(infos: list[BagInfo]) -> None:
+def bag_identity(info: BagInfo, declared: dict[str, str]) -> dict[str, str]:
+    """A bag's identity, with ``cohort.bag_identity`` filling what the bag does not record.
+
+    Raises :class:`CohortError` when the bag records a value other than the declared one.
+    """
+    identity = dict(info.identity)
+    for key, value in declared.items():
+        if identity[key] == UNKNOWN:
+            identity[key] = value
+        elif identity[key] != value:
+            raise CohortError(
+                f"{info.path} records {key}={identity[key]!r}, but cohort.bag_identity declares {value!r}; "
+                "declare only what the bags do not record"
+            )
+    return identity
+
+
+def _check_consistent(infos: list[BagInfo], declared: dict | None = None) -> dict[str, str]:
+    """The cohort's feature identity; raises naming two bags that differ in dimension or identity."""
+    unknown_keys = sorted(set(declared or {}) - set(IDENTITY_ATTRS))
+    if unknown_keys:
+        raise CohortError(f"cohort.bag_identity: unknown key(s) {unknown_keys}; valid keys are {list(IDENTITY_ATTRS)}")
+    declared = {k: identity_value(v) for k, v in (declared or {}).items()}
     first = infos[0]
+    first_identity = bag_identity(first, declared)
     for info in infos[1:]:
         if info.dim != first.dim:
             raise CohortError(
                 f"bags have different feature dimensions: {first.path} has {first.dim}, {info.path} has {info.dim}"
             )
-        if info.identity != first.identity:
-            diff = {k: (first.identity[k], info.identity[k]) for k in first.identity if first.identity[k] != info.identity[k]}
+        identity = bag_identity(info, declared)
+        if identity != first_identity:
+            diff = {k: (first_identity[k], identity[k]) for k in first_identity if first_identity[k] != identity[k]}
             raise CohortError(
-                f"bags come from different encoders: {first.path} and {info.path} differ in "
+                f"bags were made differently (encoder, resolution or tile size): {first.path} and {info.path} differ in "
                 + ", ".join(f"{k} ({a!r} vs {b!r})" for k, (a, b) in diff.items())
+                + "; extract all bags of a cohort the same way"
             )
+    unknown = [k for k, v in first_identity.items() if v == UNKNOWN]
+    if unknown:
+        logger.warning(
+            "the bags in %s do not record %s (bags from another tool?): a model cannot check they match; "
+            "declare them with cohort.bag_identity={%s}", first.path.parent, ", ".join(unknown),
+            ", ".join(f"{k}: ..." for k in unknown),
+        )
+    return first_identity
 
 
 def _group(

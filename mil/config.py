@@ -35,6 +35,9 @@ class CohortConfig:
     target: str | None = None
     classes: list[str] | None = None  # ordered; the last is the positive class for binary metrics
     bag_level: str = "patient"  # "patient": all slides of a patient in one bag; "slide": one bag per slide
+    # What bags from other tools do not record (encoder, encoder_weights, embedding, mpp, tile_px), e.g.
+    # {encoder: uni2-h, mpp: 0.5, tile_px: 224}; a bag that records another value is an error
+    bag_identity: dict[str, Any] = field(default_factory=dict)
 
 
 @dataclass
@@ -177,7 +180,7 @@ class Config:
 
 _OVERRIDE = re.compile(r"^[A-Za-z_][\w.]*=")  # key=value, as opposed to a YAML path
 # Sub-trees whose keys are free-form (passed through to a constructor).
-_FREE_FORM = {"model.args"}
+_FREE_FORM = {"model.args", "cohort.bag_identity"}
 
 
 def _schema_keys(node: Any, prefix: str = "") -> set[str]:

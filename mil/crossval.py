@@ -4,8 +4,9 @@ A run folder holds ``config.yaml`` (the resolved config, enough to rerun), ``run
 (what prediction needs: task type, label columns and class order, feature dimension, encoder
 identity), ``skipped.csv``,
 and for cross-validation ``splits.yaml``, ``fold_<k>/`` and the pooled results. A fold is
-finished when its ``predictions.csv`` exists (written last, atomically), so a rerun into the
-same folder keeps finished folds and redoes an interrupted one.
+finished when its ``predictions.csv`` exists (written last, atomically); a rerun into the
+same folder keeps finished folds whose ``provenance.json`` (:mod:`mil.provenance`) still matches
+the data, and redoes interrupted folds and folds computed from other data.
 """
 
 from __future__ import annotations
@@ -32,8 +33,18 @@ from mil.io import atomic_path, write_json, write_text
 from mil.jobs import LAUNCHER_KEYS, fold_job, pooled_is_current, run_lock, select_folds
 from mil.models import create_model
 from mil.normalize import Standardized
+from mil.provenance import (
+    check_bags_finite,
+    finished_work,
+    fold_record,
+    read_record,
+    record_changes,
+    split_changes,
+    split_record,
+    write_record,
+)
 from mil.report import write_report
-from mil.splits import Fold, inner_split, load_splits, make_splits, save_splits
+from mil.splits import Fold, SplitError, inner_split, load_splits, make_splits, save_splits
 from mil.tasks import Task, create_task, task_class, task_from_meta
 from mil.training import fit
 
@@ -65,6 +76,9 @@ def _flat(cfg: DictConfig) -> dict[str, Any]:
 def _check_resumable(cfg: DictConfig, out: Path) -> None:
     saved_path = out / "config.yaml"
     if not saved_path.is_file():
+        return
+    if not finished_work(out):  # e.g. a run that failed on a typo: nothing to protect
+        logger.info("%s holds no finished folds or models: starting it again with this config", out)
         return
     saved, now = _flat(load_config(base=OmegaConf.load(saved_path))), _flat(cfg)
     diff = {k for k in saved.keys() | now.keys() if saved.get(k) != now.get(k)} - _RESUME_FREE
@@ -178,22 +192,78 @@ def run_fold(cfg: DictConfig, cohort: Cohort, fold: Fold, fold_dir: Path, seed: 
     if cfg.cv.repeats > 1:
         df.insert(len(id_columns(cfg)) + 1, "repeat", fold.repeat)
     write_json(fold_dir / "summary.json", {**summary, "n_train": len(fold.train), "n_val": len(fold.val), "n_test": len(fold.test)})
+    write_record(fold_dir, fold_record(cohort, fold))
     _write_csv(df, fold_dir / "predictions.csv")  # last: marks the fold finished
     return df
 
 
 def _splits(cfg: DictConfig, cohort: Cohort, task: Task, out: Path) -> list[Fold]:
+    """The split file's folds, or splits made afresh from the current cohort (so a rerun on changed
+    data gets the splits a new run would get; finished folds whose split changed are redone)."""
     saved = out / "splits.yaml"
     if cfg.cv.split_file:
         folds = load_splits(cfg.cv.split_file, set(cohort.patient_ids.tolist()))
-    elif saved.is_file():  # resuming: the splits already used must be kept
-        folds = load_splits(saved, set(cohort.patient_ids.tolist()))
+        check_covers_cohort(folds, cohort, f"cv.split_file {cfg.cv.split_file}")
+        check_agrees_with_finished(folds, out, f"cv.split_file {cfg.cv.split_file}")
     else:
         strata, names = task.strata(cohort.bags)
         folds = make_splits(cohort.patient_ids, strata, names, cfg.cv.folds, cfg.cv.repeats, cfg.cv.seed, cfg.cv.val_fraction)
     if is_main_process():
         save_splits(folds, saved)
     return folds
+
+
+def check_covers_cohort(folds: list[Fold], cohort: Cohort, source: str) -> None:
+    """Every patient of the cohort must be in a test fold of every repeat; raises naming the rest."""
+    patients = set(cohort.patient_ids.tolist())
+    for repeat in sorted({f.repeat for f in folds}):
+        tested = {p for f in folds if f.repeat == repeat for p in f.test}
+        missing = sorted(patients - tested)
+        if missing:
+            where = f" of repeat {repeat}" if len({f.repeat for f in folds}) > 1 else ""
+            raise SplitError(
+                f"{source}: {len(missing)} of the cohort's {len(patients)} patients are in no test fold{where} "
+                f"({', '.join(missing[:8])}{' ...' if len(missing) > 8 else ''}); they would get no prediction. "
+                "Add them to the split file, or leave them out of the cohort tables"
+            )
+
+
+def check_agrees_with_finished(folds: list[Fold], out: Path, source: str) -> None:
+    """Refuse splits that differ from those of folds already finished in ``out`` (mixing two partitions)."""
+    saved = {str(f["name"]): f for f in OmegaConf.to_container(OmegaConf.load(out / "splits.yaml"))} \
+        if (out / "splits.yaml").is_file() else {}
+    conflicts = []
+    for fold in folds:
+        if not (out / fold.name / "predictions.csv").is_file():
+            continue
+        record = read_record(out / fold.name)
+        before = record["split"] if record else saved.get(fold.name)
+        if before is None:
+            continue
+        now = {"train": fold.train, "val": fold.val, "test": fold.test}
+        changes = split_changes({k: [str(p) for p in before[k]] for k in ("train", "val", "test")}, now)
+        if changes:
+            conflicts.append(f"{fold.name}: {'; '.join(changes)}")
+    if conflicts:
+        raise SplitError(
+            f"{source} disagrees with the folds already finished in {out} ({' | '.join(conflicts[:3])}); "
+            "resuming would mix two partitions. Use a new output_dir, or delete the finished folds"
+        )
+
+
+def _finished_fold(cfg: DictConfig, cohort: Cohort, task: Task, fold: Fold, fold_dir: Path) -> pd.DataFrame | None:
+    """A finished fold's predictions when its record matches the current data; else None (redo it)."""
+    done = fold_dir / "predictions.csv"
+    if not done.is_file():
+        return None
+    changes = record_changes(read_record(fold_dir), fold_record(cohort, fold))
+    if changes:
+        logger.warning("%s was computed from other data than now: %s; redoing it", fold.name, "; ".join(changes))
+        if is_main_process():
+            done.unlink()  # an interrupted redo must not leave the old fold looking finished
+        return None
+    logger.info("%s already finished on the same data, keeping it", fold.name)
+    return pd.read_csv(done, dtype={**{c: str for c in id_columns(cfg)}, **task.csv_dtypes()})
 
 
 def prepare_crossval(cfg: DictConfig) -> tuple[Path, int]:
@@ -214,12 +284,12 @@ def run_crossval(cfg: DictConfig, folds: Sequence[int] | None = None) -> Path:
     with run_lock(cfg.output_dir, enabled=main):  # parallel jobs: the first writes config and splits, the others check
         out, cohort, task = prepare_run(cfg, "crossval")
         all_folds = _splits(cfg, cohort, task, out)
+        check_bags_finite(cohort, out)
     for i in select_folds(len(all_folds), folds):
         fold = all_folds[i]
         fold_dir = out / fold.name
         with fold_job(out, fold.name, enabled=main):
-            if (fold_dir / "predictions.csv").is_file():
-                logger.info("%s already finished, keeping it", fold.name)
+            if _finished_fold(cfg, cohort, task, fold, fold_dir) is not None:
                 continue
             logger.info("%s (%d/%d): %d train, %d val, %d test patients", fold.name, i + 1, len(all_folds), len(fold.train), len(fold.val), len(fold.test))
             run_fold(cfg, cohort, fold, fold_dir, seed=cfg.train.seed + i)
@@ -283,15 +353,23 @@ def run_train(cfg: DictConfig) -> Path:
     """Train one model on the whole cohort (a stratified validation split picks the epoch)."""
     out, cohort, task = prepare_run(cfg, "train")
     weights = out / "model.safetensors"
-    if weights.is_file():
-        logger.info("%s exists; this run is finished", weights)
-        return out
     train, val = inner_split(cohort.patient_ids, task.strata(cohort.bags)[0], cfg.cv.val_fraction, seed=cfg.cv.seed)
+    record = split_record(cohort, {"train": train, "val": val})
+    if weights.is_file():
+        changes = record_changes(read_record(out), record)
+        if not changes:
+            logger.info("%s exists and was trained on the same data; this run is finished", weights)
+            return out
+        logger.warning("%s was trained on other data than now: %s; training again", weights, "; ".join(changes))
+        if is_main_process():
+            weights.unlink()
+    check_bags_finite(cohort, out)
     if is_main_process():
         save_splits([Fold("final", 0, 0, train, val, [])], out / "splits.yaml")
     model, summary = _train_one(cfg, cohort, task, train, val, out, cfg.train.seed, "the final model")
     if is_main_process():
         write_json(out / "summary.json", {**summary, "n_train": len(train), "n_val": len(val)})
+        write_record(out, record)
         save_weights(model, weights)  # last: marks the run finished
     return out
 

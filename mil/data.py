@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 
 import numpy as np
 import torch
-from torch.utils.data import DataLoader, Dataset
+import torch.distributed as dist
+from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
 from mil.bags import read_features
 from mil.cohort import Bag
@@ -106,11 +107,49 @@ def collate_bags(items: list[dict]) -> dict[str, torch.Tensor]:
     return batch
 
 
-def make_loader(dataset: BagDataset, batch_size: int, shuffle: bool, num_workers: int = 0) -> DataLoader:
+class EvalShardSampler(DistributedSampler):
+    """Evaluation order for several processes: each bag goes to exactly one process, none twice.
+
+    PyTorch's ``DistributedSampler`` (which Lightning puts on validation loaders under DDP) pads
+    the dataset to a multiple of the number of processes by repeating bags, so with 7 bags on 2
+    processes bag 0 would be scored twice in the gathered validation metrics. Here process
+    ``r`` of ``w`` gets bags ``r, r + w, r + 2w, ...``: shards differ in length by at most one.
+    The process group is looked up when iterating (it does not exist yet when the loader is
+    built); without one, every bag is yielded in order. Being a ``DistributedSampler``,
+    Lightning leaves it in place.
+    """
+
+    def __init__(self, dataset: Dataset) -> None:
+        super().__init__(dataset, num_replicas=1, rank=0, shuffle=False, drop_last=False)
+
+    @staticmethod
+    def _world() -> tuple[int, int]:
+        if dist.is_available() and dist.is_initialized():
+            return dist.get_rank(), dist.get_world_size()
+        return 0, 1
+
+    def __iter__(self) -> Iterator[int]:
+        rank, world = self._world()
+        return iter(range(rank, len(self.dataset), world))
+
+    def __len__(self) -> int:
+        rank, world = self._world()
+        return len(range(rank, len(self.dataset), world))
+
+
+def make_loader(
+    dataset: BagDataset, batch_size: int, shuffle: bool, num_workers: int = 0, shard_across_processes: bool = False
+) -> DataLoader:
+    """Batches of padded bags. ``shard_across_processes`` (evaluation inside a distributed fit, e.g.
+    the validation loader): each process gets its own bags, each bag exactly once
+    (:class:`EvalShardSampler`); never for prediction after training, which scores every bag."""
+    if shard_across_processes and shuffle:
+        raise ValueError("shard_across_processes is for evaluation loaders (shuffle=False)")
     return DataLoader(
         dataset,
         batch_size=batch_size,
-        shuffle=shuffle,
+        shuffle=shuffle if not shard_across_processes else None,
+        sampler=EvalShardSampler(dataset) if shard_across_processes else None,
         num_workers=num_workers,
         collate_fn=collate_bags,
         pin_memory=torch.cuda.is_available(),

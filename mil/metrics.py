@@ -126,16 +126,31 @@ def bootstrap_ci(
     n_boot: int = 1000,
     seed: int = 0,
     level: float = 0.95,
+    groups: np.ndarray | None = None,
 ) -> dict[str, tuple[float, float]]:
     """Percentile bootstrap interval of every metric ``metric_fn(*arrays)`` returns.
 
-    Rows are resampled with replacement; resamples where a metric is undefined are ignored.
+    Rows are resampled with replacement; with ``groups`` (e.g. the patient of each slide row),
+    whole groups are resampled instead (the cluster bootstrap, Field & Welsh 2007), so rows of
+    one patient are not treated as independent evidence. Groups of one row each give exactly
+    the row bootstrap. Resamples where a metric is undefined are ignored.
     """
     rng = np.random.default_rng(seed)
     n = len(arrays[0])
+    members: list[np.ndarray] | None = None
+    if groups is not None:
+        _, first, inverse = np.unique(np.asarray(groups), return_index=True, return_inverse=True)
+        order = np.argsort(first)  # groups in order of first appearance
+        rank = np.empty_like(order)
+        rank[order] = np.arange(len(order))
+        codes = rank[inverse.reshape(-1)]
+        members = [np.flatnonzero(codes == g) for g in range(len(order))] if len(order) < n else None
     samples: dict[str, list[float]] = {}
     for _ in range(n_boot):
-        idx = rng.integers(0, n, n)
+        if members is None:
+            idx = rng.integers(0, n, n)
+        else:
+            idx = np.concatenate([members[g] for g in rng.integers(0, len(members), len(members))])
         for key, value in metric_fn(*(a[idx] for a in arrays)).items():
             samples.setdefault(key, []).append(value)
     lo, hi = (1 - level) / 2, 1 - (1 - level) / 2
@@ -148,11 +163,15 @@ def bootstrap_ci(
 
 
 def with_intervals(
-    metric_fn: Callable[..., dict[str, float]], *arrays: np.ndarray, n_boot: int = 1000, seed: int = 0
+    metric_fn: Callable[..., dict[str, float]],
+    *arrays: np.ndarray,
+    n_boot: int = 1000,
+    seed: int = 0,
+    groups: np.ndarray | None = None,
 ) -> dict[str, dict[str, float]]:
-    """``{metric: {"value", "ci_low", "ci_high"}}`` for the pooled arrays."""
+    """``{metric: {"value", "ci_low", "ci_high"}}`` for the pooled arrays (``groups``: see :func:`bootstrap_ci`)."""
     point = metric_fn(*arrays)
-    ci = bootstrap_ci(metric_fn, *arrays, n_boot=n_boot, seed=seed)
+    ci = bootstrap_ci(metric_fn, *arrays, n_boot=n_boot, seed=seed, groups=groups)
     return {
         k: {"value": v, "ci_low": ci[k][0], "ci_high": ci[k][1]} if k not in COUNTS else {"value": v}
         for k, v in point.items()

@@ -17,6 +17,7 @@ import numpy as np
 import pandas as pd
 from omegaconf import DictConfig, OmegaConf
 
+from mil.bags import UNKNOWN, identity_value
 from mil.cohort import Cohort, LabelColumn, load_cohort
 from mil.config import ConfigError, load_config
 from mil.crossval import id_columns, is_main_process, load_run_model, predictions_frame
@@ -50,13 +51,31 @@ class Run:
         return task_from_meta(self.meta, self.config)
 
 
+# What a training run's run.yaml must hold for prediction.
+_RUN_KEYS = ("kind", "in_dim", "encoder")
+
+
 def load_run(run_dir: str | Path) -> Run:
+    """A finished training run; raises naming the folder when it is not one (or is damaged)."""
     run_dir = Path(run_dir)
-    for name in ("config.yaml", "run.yaml"):
-        if not (run_dir / name).is_file():
-            raise FileNotFoundError(f"{run_dir} is not a finished run folder: {name} is missing")
-    config = load_config(base=OmegaConf.load(run_dir / "config.yaml"))
-    meta = OmegaConf.load(run_dir / "run.yaml")
+    try:
+        meta = OmegaConf.load(run_dir / "run.yaml") if (run_dir / "run.yaml").is_file() else None
+        if meta is not None and meta.get("kind") == "predict":
+            raise ConfigError(f"{run_dir} holds predictions (of {meta.get('run')}), not a trained model; pass the training run")
+        for name in ("config.yaml", "run.yaml"):
+            if not (run_dir / name).is_file():
+                raise FileNotFoundError(f"{run_dir} is not a finished run folder: {name} is missing")
+        config = load_config(base=OmegaConf.load(run_dir / "config.yaml"))
+    except (ConfigError, FileNotFoundError):
+        raise
+    except Exception as e:  # YAML errors: a damaged run folder
+        raise ConfigError(f"{run_dir} is a damaged run folder: {str(e).splitlines()[0]}") from None
+    missing = [k for k in _RUN_KEYS if k not in meta]
+    if missing or meta.kind not in ("train", "crossval"):
+        raise ConfigError(
+            f"{run_dir}/run.yaml is damaged or not from `mil crossval`/`mil train` (missing {', '.join(missing) or 'nothing'}, "
+            f"kind {meta.get('kind')!r}); was the folder overwritten? Train the run again"
+        )
     if meta.kind == "train":
         weights = {"model": run_dir / "model.safetensors"}
     else:
@@ -69,17 +88,30 @@ def load_run(run_dir: str | Path) -> Run:
 
 
 def check_compatible(run: Run, cohort: Cohort) -> None:
-    """Refuse bags of another feature dimension or encoder than the run was trained on."""
+    """Refuse bags of another feature dimension, encoder, recipe, resolution or tile size than the
+    run was trained on. What either side does not record (bags from other tools, older runs) cannot
+    be checked: one warning names it."""
     if cohort.dim != run.meta.in_dim:
         raise RunMismatchError(
             f"feature dimension differs: the run {run.path} was trained on {run.meta.in_dim}-d features, "
             f"the bags in {cohort.bags[0].paths[0].parent} are {cohort.dim}-d"
         )
-    trained = {k: str(v) for k, v in run.meta.encoder.items()}
-    diff = {k: (trained.get(k), v) for k, v in cohort.identity.items() if trained.get(k) != v}
+    trained = {k: identity_value(v) for k, v in run.meta.encoder.items()}
+    unchecked, diff = [], {}
+    for key, value in cohort.identity.items():
+        before = trained.get(key, UNKNOWN)
+        if UNKNOWN in (before, value):
+            unchecked.append(key)
+        elif before != value:
+            diff[key] = (before, value)
     if diff:
         details = ", ".join(f"{k}: run {a!r} vs cohort {b!r}" for k, (a, b) in diff.items())
-        raise RunMismatchError(f"bags were made by a different encoder or recipe than the run {run.path} ({details})")
+        raise RunMismatchError(
+            f"bags were made by a different encoder, recipe, resolution or tile size than the run {run.path} ({details})"
+        )
+    if unchecked:
+        logger.warning("cannot check that the bags match the run in %s (not recorded by the run or the bags)",
+                       ", ".join(unchecked))
 
 
 def prediction_config(run: Run, overrides: list[str]) -> DictConfig:
@@ -89,9 +121,28 @@ def prediction_config(run: Run, overrides: list[str]) -> DictConfig:
         raise ConfigError(f"task.type={cfg.task.type!r}, but the run {run.path} was trained for {run.task.name!r}")
     if run.task.name == "classification":
         cfg.cohort.classes = run.classes
-    if cfg.output_dir == run.config.output_dir:
-        raise ConfigError("set output_dir=... for the predictions (it would overwrite the training run)")
+    check_output_dir(Path(cfg.output_dir), run)
     return cfg
+
+
+def check_output_dir(out: Path, run: Run) -> None:
+    """Refuse an output folder that is (or holds) a training run, or holds another run's predictions.
+
+    Rerunning the same prediction into its own folder is allowed.
+    """
+    hint = "set output_dir=... to a new folder for the predictions"
+    same = out.exists() and out.resolve() == run.path.resolve()
+    if same or Path(str(out)).absolute() == Path(str(run.config.output_dir)).absolute():
+        raise ConfigError(f"output_dir {out} is the training run's folder: predicting there would overwrite it; {hint}")
+    if not out.is_dir():
+        return
+    if (out / "config.yaml").is_file() or any(out.glob("*/model.safetensors")) or (out / "model.safetensors").is_file():
+        raise ConfigError(f"output_dir {out} holds a training run; {hint}")
+    meta_path = out / "run.yaml"
+    if meta_path.is_file():
+        meta = OmegaConf.load(meta_path)
+        if meta.get("kind") != "predict" or Path(str(meta.get("run"))).resolve() != run.path.resolve():
+            raise ConfigError(f"output_dir {out} holds another run ({meta.get('kind')} of {meta.get('run')}); {hint}")
 
 
 def prediction_columns(run: Run, cfg: DictConfig) -> list[LabelColumn]:

@@ -44,14 +44,23 @@ def evaluate(
     n_boot: int,
     seed: int,
 ) -> tuple[dict[str, Any], pd.DataFrame]:
-    """``{"folds", "across_folds", "pooled"}`` of ``metric_fn(*arrays(rows))``, and the pooled rows."""
+    """``{"folds", "across_folds", "pooled"}`` of ``metric_fn(*arrays(rows))``, and the pooled rows.
+
+    The first of ``id_columns`` is the patient: when a patient has several rows (slide-level
+    bags), the bootstrap resamples patients, not rows.
+    """
     result: dict[str, Any] = {}
     if "fold" in predictions:
         folds = {str(f): metric_fn(*arrays(df)) for f, df in predictions.groupby("fold", sort=True)}
         result["folds"] = folds
         result["across_folds"] = mean_std(list(folds.values()))
     pooled = pool_repeats(predictions, id_columns, truth, outputs)
-    result["pooled"] = with_intervals(metric_fn, *arrays(pooled), n_boot=n_boot, seed=seed)
+    groups = pooled[id_columns[0]].to_numpy() if id_columns and id_columns[0] in pooled else None
+    if groups is not None and pd.Series(groups).is_unique:
+        groups = None
+    elif groups is not None:
+        logger.info("bootstrap over %d patients (clusters of %d rows)", pd.Series(groups).nunique(), len(groups))
+    result["pooled"] = with_intervals(metric_fn, *arrays(pooled), n_boot=n_boot, seed=seed, groups=groups)
     return result, pooled
 
 
@@ -135,11 +144,47 @@ def write_report(
     """Write the metrics files and plots of ``predictions``.
 
     Without ``task`` the table is a single-label classification of ``target`` over
-    ``classes``; with a :class:`mil.tasks.Task`, that task's report is written.
+    ``classes``; with a :class:`mil.tasks.Task`, that task's report is written. A table
+    without labels gets a ``summary.md`` of its predictions only (see :func:`unlabelled_summary`).
     """
+    labelled = task.labelled(predictions) if task is not None else int(predictions[target].notna().sum()) \
+        if target in predictions else 0
+    if not labelled:
+        names = task.truth_names if task is not None else [target]
+        outputs = task.prediction_names if task is not None else [f"prob_{c}" for c in classes]
+        return unlabelled_summary(predictions, names, [c for c in outputs if c in predictions], Path(out_dir))
     if task is None:
         return classification_report(predictions, target, classes, out_dir, id_columns, n_boot, seed)
     return task.report(predictions, Path(out_dir), id_columns, n_boot, seed)
+
+
+def unlabelled_summary(predictions: pd.DataFrame, truth: list[str], outputs: list[str], out_dir: Path) -> dict[str, Any]:
+    """``summary.md`` for predictions without labels: counts and the distribution of each prediction.
+
+    A ``metrics.json`` left in ``out_dir`` by an earlier, labelled report is removed: it would
+    describe other data.
+    """
+    logger.warning("no labels (%s) in the predictions: nothing to score; writing a summary of the %d predictions",
+                   ", ".join(truth), len(predictions))
+    stale = out_dir / "metrics.json"
+    if stale.is_file():
+        stale.unlink()
+        logger.warning("removed %s: it scored other, labelled predictions", stale)
+    lines = [f"# Predictions without labels ({', '.join(truth)})", "",
+             f"{len(predictions)} bags predicted; no labels, so no metrics.", ""]
+    probs = [c for c in outputs if c.startswith("prob_")]
+    if probs:
+        predicted = predictions[probs].to_numpy().argmax(axis=1)
+        lines += ["| predicted class | bags |", "|---|---|"]
+        lines += [f"| {c[len('prob_'):]} | {int((predicted == i).sum())} |" for i, c in enumerate(probs)]
+        lines.append("")
+    if outputs:
+        lines += ["| column | mean | std | min | median | max |", "|---|---|---|---|---|---|"]
+        for c in outputs:
+            v = predictions[c].astype(float)
+            lines.append(f"| {c} | {_fmt(v.mean())} | {_fmt(v.std())} | {_fmt(v.min())} | {_fmt(v.median())} | {_fmt(v.max())} |")
+    write_text(out_dir / "summary.md", "\n".join(lines) + "\n")
+    return {"n": len(predictions), "n_labelled": 0}
 
 
 def report_predictions(

@@ -319,7 +319,8 @@ def fit(
     train_loader = make_loader(
         BagDataset(train_bags, train_targets, t.bag_size), t.batch_size, shuffle=True, num_workers=t.num_workers
     )
-    val_loader = make_loader(BagDataset(val_bags, val_targets), t.eval_batch_size, shuffle=False, num_workers=t.num_workers)
+    val_loader = make_loader(BagDataset(val_bags, val_targets), t.eval_batch_size, shuffle=False, num_workers=t.num_workers,
+                             shard_across_processes=True)  # under DDP each validation bag counts once (issue 11)
     logger.info("training %d epochs of %d steps (%d bags, batch size %d); %s", epochs, steps_per_epoch,
                 len(train_bags), t.batch_size,
                 f"keeping the epoch with the best smoothed {monitor}" if selection == "best"

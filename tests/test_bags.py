@@ -16,7 +16,8 @@ def test_write_read_roundtrip(tmp_path):
     info = read_bag_info(path)
     assert (info.n_tiles, info.dim, info.dtype, info.has_coords) == (7, 5, "float16", True)
     assert info.attrs["encoder"] == "virchow2" and info.attrs["mpp"] == 0.5
-    assert info.identity == {"encoder": "virchow2", "encoder_weights": "unknown", "embedding": "cls+mean"}
+    assert info.identity == {"encoder": "virchow2", "encoder_weights": "unknown", "embedding": "cls+mean",
+                             "mpp": "0.5", "tile_px": "unknown"}
     np.testing.assert_allclose(read_features(path), x, atol=1e-2)
     np.testing.assert_array_equal(read_coords(path), coords)
     assert not list(tmp_path.glob("*.tmp*")), "temporary file left behind"
@@ -67,3 +68,24 @@ def test_broken_files_are_named(tmp_path):
         assert name in str(err.value)
     with pytest.raises(BagError, match=r"nan\.h5: features contain NaN or inf in 1 tile"):
         read_features(tmp_path / "nan.h5")
+
+
+def test_float16_overflow_keeps_float32_and_names_the_bag(tmp_path, caplog):
+    x = np.ones((4, 3), np.float32)
+    x[1, 2] = 70000.0  # > 65504, the largest float16
+    with caplog.at_level("WARNING", logger="mil.bags"):
+        path = write_bag(tmp_path / "slide7.h5", x)
+    assert "slide7.h5: features up to 7e+04 overflow float16; keeping float32" in caplog.text
+    assert read_bag_info(path).dtype == "float32"
+    np.testing.assert_array_equal(read_features(path), x)  # finite, exact: nothing found later in training
+    assert read_bag_info(write_bag(tmp_path / "ok.h5", np.ones((2, 3)))).dtype == "float16"
+
+
+def test_nonfinite_tiles_are_counted_in_chunks(tmp_path):
+    from mil.bags import count_nonfinite_tiles
+
+    x = np.zeros((25, 3), np.float32)
+    x[[0, 9, 24], 1] = [np.nan, np.inf, -np.inf]
+    with h5py.File(tmp_path / "b.h5", "w") as f:
+        f.create_dataset("features", data=x)
+    assert [count_nonfinite_tiles(tmp_path / "b.h5", chunk_rows=k) for k in (1, 4, 100)] == [3, 3, 3]

@@ -104,7 +104,7 @@ def test_inconsistent_bags(tables):
     with pytest.raises(CohortError, match=r"different feature dimensions: .*a1.h5 has 4, .*b1.h5 has 8"):
         load_cohort(_cfg(tmp, clinical, slides))
     _bag(tmp / "features", "b1", encoder="other")
-    with pytest.raises(CohortError, match=r"different encoders: .*a1.h5 and .*b1.h5 differ in encoder \('enc' vs 'other'\)"):
+    with pytest.raises(CohortError, match=r"bags were made differently \(encoder, resolution or tile size\): .*a1.h5 and .*b1.h5 differ in encoder \('enc' vs 'other'\)"):
         load_cohort(_cfg(tmp, clinical, slides))
 
 
@@ -113,3 +113,38 @@ def test_corrupt_bag_named(tables):
     (tmp / "features" / "b1.h5").write_bytes(b"\x00" * 10)
     with pytest.raises(ValueError, match=r"b1.h5: not a readable HDF5 bag"):
         load_cohort(_cfg(tmp, clinical, slides))
+
+
+# ---------------------------------------------------------------- bag identity (issue 11)
+def test_bags_at_other_resolutions_or_tile_sizes_cannot_be_mixed(tables):
+    tmp, clinical, slides = tables
+    for sid in ["a1", "a2", "b1", "c1", "d1"]:
+        write_bag(tmp / "features" / f"{sid}.h5", np.ones((5, 4)), attrs={"encoder": "enc", "mpp": 0.5, "tile_px": 224})
+    assert load_cohort(_cfg(tmp, clinical, slides)).identity["mpp"] == "0.5"
+    write_bag(tmp / "features" / "b1.h5", np.ones((5, 4)), attrs={"encoder": "enc", "mpp": 2.0, "tile_px": 224})
+    with pytest.raises(CohortError, match=r"a1.h5 and .*b1.h5 differ in mpp \('0.5' vs '2'\)"):
+        load_cohort(_cfg(tmp, clinical, slides))
+    write_bag(tmp / "features" / "b1.h5", np.ones((5, 4)), attrs={"encoder": "enc", "mpp": 0.5, "tile_px": 448})
+    with pytest.raises(CohortError, match=r"differ in tile_px \('224' vs '448'\)"):
+        load_cohort(_cfg(tmp, clinical, slides))
+
+
+def test_bags_that_do_not_record_their_identity_warn_once_and_can_be_declared(tables, caplog):
+    tmp, clinical, slides = tables  # the fixture's bags record only the encoder
+    with caplog.at_level("WARNING", logger="mil.cohort"):
+        cohort = load_cohort(_cfg(tmp, clinical, slides))
+    warnings = [r.message for r in caplog.records if "do not record" in r.message]
+    assert len(warnings) == 1 and "encoder_weights, embedding, mpp, tile_px" in warnings[0]
+    assert "cohort.bag_identity" in warnings[0] and cohort.identity["mpp"] == "unknown"
+
+    caplog.clear()
+    declared = {"encoder_weights": "sha256:abc", "embedding": "cls", "mpp": 0.5, "tile_px": 224}
+    with caplog.at_level("WARNING", logger="mil.cohort"):
+        cohort = load_cohort(_cfg(tmp, clinical, slides, bag_identity=declared))
+    assert not [r for r in caplog.records if "do not record" in r.message]
+    assert cohort.identity == {"encoder": "enc", "encoder_weights": "sha256:abc", "embedding": "cls",
+                               "mpp": "0.5", "tile_px": "224"}
+    with pytest.raises(CohortError, match=r"a1.h5 records encoder='enc', but cohort.bag_identity declares 'uni'"):
+        load_cohort(_cfg(tmp, clinical, slides, bag_identity={"encoder": "uni"}))
+    with pytest.raises(CohortError, match=r"cohort.bag_identity: unknown key\(s\) \['mmp'\]"):
+        load_cohort(_cfg(tmp, clinical, slides, bag_identity={"mmp": 0.5}))

@@ -7,8 +7,10 @@ import os
 import subprocess
 import sys
 
+import numpy as np
 import pandas as pd
 import pytest
+import torch
 from omegaconf import OmegaConf
 
 import mil.crossval
@@ -139,10 +141,22 @@ def test_slide_level_crossval(tmp_path, cohort_overrides, fast_overrides):
 
 
 def test_train_writes_one_model(tmp_path, cohort_overrides, fast_overrides):
-    out = run_train(_cfg(tmp_path, cohort_overrides, fast_overrides))
-    assert (out / "model.safetensors").is_file() and (out / "summary.json").is_file()
+    import lightning as L
+    from safetensors.torch import load_file
+
+    cfg = _cfg(tmp_path, cohort_overrides, fast_overrides)
+    out = run_train(cfg)
+    (split,) = load_splits(out / "splits.yaml", set(load_cohort(cfg.cohort).patient_ids.tolist()))
+    assert not set(split.train) & set(split.val) and len(split.train) + len(split.val) == 30 and not split.test
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["n_train"] == len(split.train) and 0 <= summary["best_epoch"] < 4
     model = mil.crossval.load_run_model(out, out / "model.safetensors")
-    assert sum(p.numel() for p in model.parameters()) > 0
+    saved = load_file(out / "model.safetensors")
+    loaded = model.state_dict()
+    assert saved.keys() == loaded.keys() and all(torch.equal(saved[k], loaded[k]) for k in saved)
+    L.seed_everything(cfg.train.seed, verbose=False)  # the initial weights, as _train_one draws them
+    initial = mil.crossval.build_model(cfg, 16, 2).state_dict()
+    assert any(not torch.equal(initial[k], loaded[k]) for k in initial), "the saved weights were never trained"
 
 
 def test_cli_error_is_one_clear_line(tmp_path, cohort_overrides):
@@ -156,16 +170,49 @@ def test_cli_error_is_one_clear_line(tmp_path, cohort_overrides):
 
 
 @pytest.mark.skipif(sys.platform != "linux", reason="DDP test uses gloo on Linux")
-def test_ddp_two_cpu_processes(tmp_path, cohort_overrides, fast_overrides):
-    """`trainer.devices=2 trainer.strategy=ddp` trains through Lightning's DDP (gloo on CPU)."""
+def test_ddp_validation_counts_each_bag_once(tmp_path, cohort_overrides, fast_overrides):
+    """`trainer.devices=2 trainer.strategy=ddp` (gloo on CPU): the two processes validate disjoint bags that
+    together are the whole validation split, and the gathered metrics equal scikit-learn's on all of them."""
+    from pathlib import Path
+
+    from sklearn.metrics import accuracy_score, roc_auc_score
+
+    from mil.splits import inner_split
+    from mil.tasks import task_class
+
+    def val_bags(extra):  # the validation split run_train will make
+        cfg = _cfg(tmp_path, cohort_overrides, fast_overrides, *extra)
+        cohort = load_cohort(cfg.cohort, columns=task_class(cfg).label_columns(cfg))
+        strata = task_class(cfg)(cohort.columns, cfg).strata(cohort.bags)[0]
+        _, val = inner_split(cohort.patient_ids, strata, cfg.cv.val_fraction, seed=cfg.cv.seed)
+        return sum(b.patient_id in set(val) for b in cohort.bags)
+
+    # an odd number of validation bags is what a padding sampler gets wrong on 2 processes
+    choice = next(extra for level in ("patient", "slide") for fraction in (0.2, 0.25, 0.3, 0.35, 0.4)
+                  if val_bags(extra := [f"cohort.bag_level={level}", f"cv.val_fraction={fraction}"]) % 2 == 1)
+    records = tmp_path / "records"
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    script = Path(__file__).with_name("ddp_validation.py")
     proc = subprocess.run(
-        [sys.executable, "-m", "mil", "train", *cohort_overrides, *fast_overrides, "trainer.devices=2",
-         "trainer.strategy=ddp", "train.max_epochs=2", f"output_dir={tmp_path / 'ddp'}"],
+        [sys.executable, str(script), str(records), *cohort_overrides, *fast_overrides, "trainer.devices=2",
+         "trainer.strategy=ddp", "train.max_epochs=2", *choice, f"output_dir={tmp_path / 'ddp'}"],
         capture_output=True, text=True, env=env, timeout=300,
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert (tmp_path / "ddp" / "model.safetensors").is_file()
+    n_val = val_bags(choice)
+    for epoch in range(2):
+        ranks = [json.loads((records / f"rank{r}_epoch{epoch}.json").read_text()) for r in range(2)]
+        assert [r["world_size"] for r in ranks] == [2, 2]
+        seen = [[s[0] for s in r["seen"]] for r in ranks]
+        assert not set(seen[0]) & set(seen[1]) and sorted(seen[0] + seen[1]) == list(range(n_val))
+        rows = [s for r in ranks for s in r["seen"]]
+        y = [t for _, _, t in rows]
+        logits = np.array([logits for _, logits, _ in rows])
+        p1 = 1 / (1 + np.exp(logits[:, 0] - logits[:, 1]))  # softmax, positive class
+        for r in ranks:  # every process logged the metrics of the whole split
+            assert r["metrics"]["val_auroc"] == pytest.approx(roc_auc_score(y, p1), abs=1e-5)
+            assert r["metrics"]["val_accuracy"] == pytest.approx(accuracy_score(y, p1 > 0.5), abs=1e-5)
 
 
 @pytest.mark.parametrize("name", __import__("mil.models", fromlist=["MODELS"]).MODELS.names())

@@ -148,6 +148,21 @@ def test_a_bag_from_another_recipe_is_not_reused(three_slides, tmp_path):
     assert "embedding='cls+mean_patch_excl_reg' (this run: 'cls')" in rows["alpha"]["reason"]
 
 
+def test_an_existing_bag_at_another_slide_resolution_is_not_reused(make_slide, tmp_path):
+    """A slide without mpp metadata extracted with slides.mpp=0.5, rerun with 1.0: its tiles would cover
+    twice the width at level 0, so the old bag is not this run's output."""
+    folder, out = tmp_path / "slides", tmp_path / "bags"
+    make_slide("nompp", mpp=None, folder=folder)
+    rows = summary(run_extract(extract_cfg(folder, out, "slides.mpp=0.5")))
+    assert rows["nompp"]["status"] == "done"
+    rows = summary(run_extract(extract_cfg(folder, out, "slides.mpp=0.5")))
+    assert rows["nompp"]["status"] == "skipped"  # same resolution: kept
+    rows = summary(run_extract(extract_cfg(folder, out, "slides.mpp=1.0")))
+    assert rows["nompp"]["status"] == "failed"
+    assert "slide_mpp=0.5 (this run: 1.0)" in rows["nompp"]["reason"]
+    assert "tile_size_level0=" in rows["nompp"]["reason"]
+
+
 def test_loader_workers_give_the_same_bags(three_slides, tmp_path):
     run_extract(extract_cfg(three_slides, tmp_path / "w0"))
     run_extract(extract_cfg(three_slides, tmp_path / "w2", "loader.workers=2"))
