@@ -260,8 +260,8 @@ def test_transmil_attention_is_last_layer_cls_row_with_grid_copies_summed() -> N
     n = 5  # 3x3 grid: tiles 0-3 appear twice
     with torch.no_grad():
         att = model(torch.randn(1, n, D)).attention[0]
-    cls = captured["cls"]  # [1 + 9]: [CLS] itself, then the grid
-    assert cls.shape == (10,)
+    cls = captured["cls"][0]  # [1 + 9]: [CLS] itself, then the grid
+    assert captured["cls"].shape == (1, 10)
     expected = cls[1 : 1 + n].clone()
     expected[:4] += cls[1 + n :]
     torch.testing.assert_close(att, expected / expected.sum())
