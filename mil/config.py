@@ -8,6 +8,7 @@ that names the key, and suggests the closest valid one.
 from __future__ import annotations
 
 import difflib
+import logging
 import os
 import re
 from collections.abc import Iterable, Sequence
@@ -19,6 +20,8 @@ from omegaconf import DictConfig, ListConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 from mil.io import write_text
+
+logger = logging.getLogger(__name__)
 
 
 class ConfigError(ValueError):
@@ -234,6 +237,10 @@ def load_config(sources: Sequence[str] | None = None, base: DictConfig | None = 
     if defaults:
         source = f"train_defaults of model {cfg.model.name!r}"
         cfg = _merge_sources(_merge(schema, OmegaConf.create({"train": defaults}), source), sources, base)
+        used = {k: v for k, v in defaults.items() if cfg.train[k] == v}
+        if used:
+            logger.info("model %r trains with its own defaults %s (set train.<key> to override)",
+                        cfg.model.name, ", ".join(f"train.{k}={v}" for k, v in used.items()))
     return cfg
 
 

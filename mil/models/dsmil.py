@@ -23,9 +23,19 @@ from mil.models.base import MODELS, MILOutput, check_inputs, masked_softmax
 from mil.models.layers import InstanceEmbedding
 
 
-@MODELS.register("dsmil")
+# Training default (see mil.models.base.model_train_defaults): both of DSMIL's learning signals
+# start from nothing. The critical-instance attention is bilinear in two small query vectors
+# (near-uniform, i.e. mean pooling, at initialisation), and the max-instance loss moves one
+# tile per bag, so it locks onto whichever tiles are salient first. At the toolkit's lr of 2e-4
+# (batch 1) it needed about 5x the steps of gated ABMIL on a 5%-witness cohort with decoys and
+# site shifts (val AUROC 0.81 after 1,200 steps vs 0.96); at 1e-3 it reached 0.94-1.00 within
+# 500 steps on 4 of 4 seeds, with the critical instance a witness tile in 3 of them.
+@MODELS.register("dsmil", train_defaults={"lr": 1e-3})
 class DSMIL(nn.Module):
     """Dual-stream MIL. Attention: [B, C, N], one softmax over valid tiles per class.
+
+    Trains with ``train.lr=1e-3`` unless the config sets ``train.lr`` (its registry entry's
+    ``train_defaults``; the reason is in the comment above the class).
 
     Options: ``hidden_dim`` (embedding width when ``embed_dims`` is None; ``embed_dims=[]``
     uses the features directly as in the original), ``dropout`` (embedding), ``embed_dims``,
