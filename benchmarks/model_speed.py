@@ -12,7 +12,9 @@ then for each model times
 - an evaluation pass: the other 20% of the patients, full bags, no gradient.
 
 Reading bags is left out (it is the same for every model; ``benchmarks/train_speed.py``
-measures it), so the numbers are the models' own cost. Prints a markdown table and writes
+measures it), so the numbers are the models' own cost. Both wall-clock and process CPU
+seconds are reported: on a shared machine the CPU seconds (with ``--threads 1``, what the run
+would take alone on one core) are the comparable number. Prints a markdown table and writes
 ``model_speed.json`` under ``--out``.
 """
 
@@ -55,7 +57,7 @@ def time_model(name: str, train: list[torch.Tensor], y: torch.Tensor, test: list
     opt = torch.optim.AdamW(model.parameters(), lr=2e-4)
     aux = AUX_LOSSES.get(model.aux_loss) if getattr(model, "aux_loss", None) else None
     model.train()
-    t0 = time.perf_counter()
+    t0, c0 = time.perf_counter(), time.process_time()
     for i in torch.randperm(len(train)).tolist():
         x = train[i][torch.randperm(len(train[i]))[:bag_size]][None]
         mask = torch.ones(x.shape[:2], dtype=torch.bool)
@@ -66,13 +68,19 @@ def time_model(name: str, train: list[torch.Tensor], y: torch.Tensor, test: list
         opt.zero_grad()
         loss.backward()
         opt.step()
-    t1 = time.perf_counter()
+    t1, c1 = time.perf_counter(), time.process_time()
     model.eval()
     with torch.no_grad():
         for x in test:
             model(x[None])
-    t2 = time.perf_counter()
-    return {"model": name, "train_epoch_s": t1 - t0, "eval_s": t2 - t1, "params": sum(p.numel() for p in model.parameters())}
+    t2, c2 = time.perf_counter(), time.process_time()
+    return {"model": name, "train_epoch_s": t1 - t0, "eval_s": t2 - t1, "train_epoch_cpu_s": c1 - c0,
+            "eval_cpu_s": c2 - c1, "params": sum(p.numel() for p in model.parameters())}
+
+
+def _row(r: dict) -> str:
+    return (f"| {r['model']} | {r['train_epoch_cpu_s']:.1f} | {r['eval_cpu_s']:.1f} | {r['train_epoch_s']:.1f} | "
+            f"{r['eval_s']:.1f} | {r['params']:,} |")
 
 
 def main() -> None:
@@ -94,13 +102,14 @@ def main() -> None:
     for name in args.models:
         r = time_model(name, bags[:n_train], labels[:n_train], bags[n_train:], args.bag_size)
         rows.append(r)
-        print(f"| {name} | {r['train_epoch_s']:.1f} | {r['eval_s']:.1f} | {r['params']:,} |", flush=True)
+        print(_row(r), flush=True)
     machine = f"{platform.machine()}, {torch.get_num_threads()} thread(s), torch {torch.__version__}"
     print(f"\n{len(bags)} patients, {tiles:,} tiles, {args.dim}-d; train {n_train} bags x {args.bag_size} sampled "
           f"tiles, evaluate {len(bags) - n_train} full bags; {machine}\n")
-    print("| model | train epoch (s) | evaluation (s) | parameters |\n|---|---|---|---|")
+    print("| model | train epoch, CPU s | evaluation, CPU s | train epoch, wall s | evaluation, wall s | parameters |")
+    print("|---|---|---|---|---|---|")
     for r in rows:
-        print(f"| {r['model']} | {r['train_epoch_s']:.1f} | {r['eval_s']:.1f} | {r['params']:,} |")
+        print(_row(r))
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "model_speed.json").write_text(json.dumps({"machine": machine, "tiles": tiles, "rows": rows}, indent=1))
 
