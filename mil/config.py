@@ -8,6 +8,7 @@ that names the key, and suggests the closest valid one.
 from __future__ import annotations
 
 import difflib
+import logging
 import os
 import re
 from collections.abc import Iterable, Sequence
@@ -19,6 +20,8 @@ from omegaconf import DictConfig, ListConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 from mil.io import write_text
+
+logger = logging.getLogger(__name__)
 
 
 class ConfigError(ValueError):
@@ -230,7 +233,23 @@ def load_config(sources: Sequence[str] | None = None, base: DictConfig | None = 
     already-resolved config to start from (e.g. a saved run's ``config.yaml``).
     """
     schema = OmegaConf.structured(Config)
-    cfg = schema if base is None else _merge(schema, base, "base config")
+    cfg = _merge_sources(schema, sources, base)
+    # The chosen model's own training defaults (its registry entry, see mil.models.base) sit
+    # between the toolkit's defaults and everything the user gave, so explicit keys still win.
+    defaults = _model_train_defaults(cfg.model.name)
+    if defaults:
+        source = f"train_defaults of model {cfg.model.name!r}"
+        cfg = _merge_sources(_merge(schema, OmegaConf.create({"train": defaults}), source), sources, base)
+        used = {k: v for k, v in defaults.items() if cfg.train[k] == v}
+        if used:
+            logger.info("model %r trains with its own defaults %s (set train.<key> to override)",
+                        cfg.model.name, ", ".join(f"train.{k}={v}" for k, v in used.items()))
+    return cfg
+
+
+def _merge_sources(cfg: DictConfig, sources: Sequence[str] | None, base: DictConfig | None) -> DictConfig:
+    if base is not None:
+        cfg = _merge(cfg, base, "base config")
     for item in sources or []:
         if _OVERRIDE.match(item):
             user = OmegaConf.from_dotlist([item])
@@ -239,6 +258,12 @@ def load_config(sources: Sequence[str] | None = None, base: DictConfig | None = 
             path = Path(item)
             cfg = _merge(cfg, _load_yaml(path), str(path))
     return cfg
+
+
+def _model_train_defaults(name: str) -> dict[str, Any]:
+    from mil.models import MODELS, model_train_defaults  # lazy: the models import torch
+
+    return model_train_defaults(name) if name in MODELS else {}  # unknown: create_model names it
 
 
 def _merge(cfg: DictConfig, user: DictConfig, source: str) -> DictConfig:

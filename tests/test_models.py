@@ -260,11 +260,40 @@ def test_transmil_attention_is_last_layer_cls_row_with_grid_copies_summed() -> N
     n = 5  # 3x3 grid: tiles 0-3 appear twice
     with torch.no_grad():
         att = model(torch.randn(1, n, D)).attention[0]
-    cls = captured["cls"]  # [1 + 9]: [CLS] itself, then the grid
-    assert cls.shape == (10,)
+    cls = captured["cls"][0]  # [1 + 9]: [CLS] itself, then the grid
+    assert captured["cls"].shape == (1, 10)
     expected = cls[1 : 1 + n].clone()
     expected[:4] += cls[1 + n :]
     torch.testing.assert_close(att, expected / expected.sum())
+
+
+def test_transmil_ppeg_equals_the_papers_three_convolutions() -> None:
+    from mil.models.transmil import PPEG
+
+    torch.manual_seed(0)
+    ppeg, side = PPEG(24), 5
+    x = torch.randn(3, 1 + side * side, 24, requires_grad=True)
+    grid = x[:, 1:].transpose(1, 2).reshape(3, 24, side, side)  # [B, E, S, S] as in the reference
+    grid = grid + sum(conv(grid) for conv in ppeg.convs)
+    expected = torch.cat([x[:, :1], grid.flatten(2).transpose(1, 2)], dim=1)
+    got = ppeg(x, side)
+    torch.testing.assert_close(got, expected)
+    grads = torch.autograd.grad(got.square().sum(), [ppeg.convs[1].weight, x])
+    expected_grads = torch.autograd.grad(expected.square().sum(), [ppeg.convs[1].weight, x])
+    for g, e in zip(grads, expected_grads, strict=True):
+        torch.testing.assert_close(g, e)
+
+
+def test_transmil_batches_equal_size_bags_without_changing_them() -> None:
+    model = make("transmil", 2, hidden_dim=32, n_heads=4).eval()
+    bags = [torch.randn(n, D) for n in (9, 9, 5, 9)]
+    x, mask = pad(bags)
+    with torch.no_grad():
+        together = model(x, mask)
+        alone = [model(b[None]) for b in bags]
+    for i, out in enumerate(alone):
+        torch.testing.assert_close(together.logits[i], out.logits[0])
+        torch.testing.assert_close(together.attention[i, : len(bags[i])], out.attention[0])
 
 
 @pytest.mark.parametrize(

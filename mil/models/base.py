@@ -3,6 +3,7 @@
 Every aggregator is a plain ``nn.Module``: ``forward(features [B, N, D], mask [B, N])``
 returns a :class:`MILOutput`. ``mask`` is boolean, True for real tiles; padded rows must
 not change the output. Losses, metrics and training live elsewhere (``mil.training``).
+A registry entry may carry ``train_defaults`` (see :func:`model_train_defaults`).
 """
 
 from __future__ import annotations
@@ -33,6 +34,18 @@ class MILOutput:
     logits: torch.Tensor
     attention: torch.Tensor | None = None
     aux: dict[str, torch.Tensor] = field(default_factory=dict)
+
+
+def model_train_defaults(name: str) -> dict[str, Any]:
+    """The training settings a model needs in place of the toolkit's defaults (``train.*`` keys).
+
+    Declared in the model's registry entry, next to the model, e.g.
+    ``@MODELS.register("dsmil", train_defaults={"lr": 1e-3})``, with the reason in a comment
+    and the model's docstring. :func:`mil.config.load_config` applies them above the
+    toolkit's defaults and below every YAML file and override, so ``train.lr=...`` still wins,
+    and the saved ``config.yaml`` records the values used. Empty for most models.
+    """
+    return dict(MODELS.info(name).get("train_defaults", {}))
 
 
 def create_model(name: str, in_dim: int, n_outputs: int, **kwargs: Any) -> nn.Module:
