@@ -34,11 +34,12 @@ class DemoSize:
     tile_px: int
     folds: int
     max_epochs: int
+    min_steps: int  # the recipe's step budget; tiny: a smoke test
 
 
 SIZES = {
-    "full": DemoSize(patients=40, external_patients=15, slide_px=(3072, 2304), tile_px=224, folds=5, max_epochs=30),
-    "tiny": DemoSize(patients=16, external_patients=8, slide_px=(1024, 800), tile_px=64, folds=3, max_epochs=20),
+    "full": DemoSize(patients=40, external_patients=15, slide_px=(3072, 2304), tile_px=224, folds=5, max_epochs=30, min_steps=2000),
+    "tiny": DemoSize(patients=16, external_patients=8, slide_px=(1024, 800), tile_px=64, folds=3, max_epochs=20, min_steps=300),
 }
 
 
@@ -65,7 +66,7 @@ def _overrides(out: Path, size: DemoSize, encoder: str, weights: str | None) -> 
         "crossval": [
             f"cohort.clinical_csv={c / 'clinical.csv'}", f"cohort.slide_csv={c / 'slides.csv'}",
             f"cohort.features_dir={out / 'features'}", f"cv.folds={size.folds}",
-            f"train.max_epochs={size.max_epochs}", f"output_dir={out / 'crossval'}",
+            f"train.max_epochs={size.max_epochs}", f"train.min_steps={size.min_steps}", f"output_dir={out / 'crossval'}",
         ],
         "external": [
             f"cohort.clinical_csv={e / 'clinical.csv'}", f"cohort.slide_csv={e / 'slides.csv'}",
