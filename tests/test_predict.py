@@ -50,7 +50,8 @@ def test_external_auroc_matches_scikit_learn_and_is_not_below_crossval(trained):
     assert ext_auroc == pytest.approx(roc_auc_score(pred.MSI == "MSI-H", pred["prob_MSI-H"]), abs=1e-12)
     # The fold ensemble on new patients is no worse than cross-validation's lower bound (here it is
     # better: 3 models averaged; measured 1.000 vs 0.787 [0.615, 0.924]), and the signal transfers.
-    assert ext_auroc >= cv_auroc["ci_low"] and ext_auroc > 0.8
+    # A perfect cross-validation gives a degenerate [1, 1] interval: allow one discordant pair's worth.
+    assert ext_auroc >= cv_auroc["ci_low"] - 0.02 and ext_auroc > 0.8
 
 
 def test_unlabelled_cohort_gets_predictions_only(trained):
@@ -145,7 +146,7 @@ def test_a_damaged_run_gives_a_message(trained, tmp_path):
 def test_other_resolution_or_tile_size_is_named(trained, tmp_path, caplog):
     _, cv, ext = trained
     slides = pd.read_csv(ext.slide_csv)
-    base = {"encoder": "synthetic", "encoder_weights": "none", "embedding": "planted-signal"}
+    base = {"encoder": "synthetic", "encoder_weights": "none", "embedding": "planted-binary-witness"}
     for sid in slides.slide_id:
         write_bag(tmp_path / "coarse" / f"{sid}.h5", np.ones((4, 16)), attrs={**base, "mpp": 1.0, "tile_px": 448})
         write_bag(tmp_path / "foreign" / f"{sid}.h5", np.ones((4, 16)), attrs=base)
