@@ -150,7 +150,8 @@ def _prepare_values(
 
     Category values are strings as written: only empty cells are missing. With
     ``unknown_labels="ignore"`` a category value outside the column's classes becomes missing
-    and is counted in ``unknown`` instead of raising.
+    and is counted in ``unknown`` instead of raising, as long as every class still has a bag
+    (otherwise the names look renamed, and the error names both sides).
     """
     values = df[column.name]
     values = values.where(values.isna(), values.astype(str).str.strip()).replace("", None)
@@ -158,7 +159,10 @@ def _prepare_values(
         values = tables.numeric_missing(values)
     elif unknown_labels == "ignore" and column.classes is not None:
         outside = values.notna() & ~values.isin(column.classes)
-        if outside.any():
+        # A few extra classes (MSI-L beside MSS and MSI-H) are left out; a trained class that no
+        # bag has while other names appear looks like a renamed class: check_values refuses it.
+        renamed = set(column.classes) - set(values[~outside].dropna())
+        if outside.any() and not renamed:
             unknown[column.name] = {str(k): int(v) for k, v in values[outside].value_counts().items()}
             values = values.where(~outside)
     df[column.name] = values
@@ -197,12 +201,11 @@ def _check_ids_match(clinical: pd.DataFrame, slides: pd.DataFrame, pcol: str, cl
         examples = ", ".join(f"{a!r} vs {b!r}" for a, b in pairs[:3])
         hint = (f"; {len(pairs)} differ only in leading zeros, case or spaces ({slide_csv} vs {clinical_csv}: {examples}): "
                 "a spreadsheet or R export turned the ids into numbers; keep the id column as text in both tables")
-    message = (f"patient ids do not match between the tables: {len(only_slides)} of the {len(in_slides)} patients in "
-               f"{slide_csv} are not in {clinical_csv} (e.g. {only_slides[:3]}; ids only in {clinical_csv}: "
-               f"{only_clinical[:3]}){hint}")
+    message = (f"{len(only_slides)} of the {len(in_slides)} patients in {slide_csv} are not in {clinical_csv} "
+               f"(e.g. {only_slides[:3]}; ids only in {clinical_csv}: {only_clinical[:3]}){hint}")
     if not in_slides & in_clinical:
-        raise CohortError(message)
-    logger.warning("%s", message)
+        raise CohortError(f"patient ids do not match between the tables: {message}")
+    logger.warning("%s; their slides are skipped", message)
 
 
 def _bag_name(slide_id: str, bags: set[str], suffixes: set[str]) -> str | None:

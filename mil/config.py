@@ -291,7 +291,8 @@ def _check_booleans(user: Any, schema: Any, source: str, prefix: str = "") -> No
 
 def _load_yaml(path: Path) -> DictConfig:
     if not path.is_file():
-        raise ConfigError(f"config file {path} does not exist")
+        where = "" if path.is_absolute() else f" (relative to the working directory {Path.cwd()})"
+        raise ConfigError(f"config file {path}{where} does not exist")
     try:
         cfg = OmegaConf.load(path)
     except Exception as e:  # yaml.YAMLError and friends

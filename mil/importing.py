@@ -26,6 +26,7 @@ import pandas as pd
 
 from mil.bags import write_bag
 from mil.io import atomic_path
+from mil.tables import ONLY_EMPTY_IS_MISSING
 
 logger = logging.getLogger(__name__)
 
@@ -289,7 +290,7 @@ def read_table(
     try:
         if header is None:
             header = _has_header(path)
-        df = pd.read_csv(path, header=0 if header else None, dtype=str, keep_default_na=True)
+        df = pd.read_csv(path, header=0 if header else None, dtype=str, **ONLY_EMPTY_IS_MISSING)  # label "None" is a label
     except (pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError) as e:
         raise BagImportError(f"{path}: cannot be parsed as CSV ({e})") from None
     if header:

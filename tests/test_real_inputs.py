@@ -17,10 +17,9 @@ from omegaconf import OmegaConf
 
 from mil.bags import IDENTITY_ATTRS, BagError, read_bag_info, read_coords, read_features, write_bag
 from mil.cli import build_parser
-from mil.cohort import CohortError, LabelColumn, load_cohort
+from mil.cohort import CohortError, LabelColumn, load_cohort, read_table
 from mil.config import Config, ConfigError, load_config
 from mil.splits import load_splits
-from mil.tables import read_table
 
 
 def _bag(folder, sid, n=5, dim=4):
