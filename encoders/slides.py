@@ -38,7 +38,8 @@ class SlideRef:
 def open_slide(path: str | os.PathLike) -> openslide.OpenSlide:
     path = Path(path)
     if not path.exists():
-        raise SlideError(f"{path}: slide file does not exist")
+        where = "" if path.is_absolute() else f" (relative to the working directory {Path.cwd()})"
+        raise SlideError(f"{path}: slide file does not exist{where}")
     try:
         return openslide.OpenSlide(path)
     except openslide.OpenSlideUnsupportedFormatError:

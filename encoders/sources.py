@@ -11,7 +11,7 @@ from omegaconf import DictConfig
 
 from encoders.slides import SlideRef
 from mil.config import ConfigError
-from mil.tables import TableError, read_any_table
+from mil.tables import TableError, describe_path, read_any_table
 
 logger = logging.getLogger(__name__)
 
@@ -20,7 +20,7 @@ DICOM_SUFFIX = ".dcm"
 
 def _from_dir(root: Path, extensions: Sequence[str]) -> list[SlideRef]:
     if not root.is_dir():
-        raise ConfigError(f"slides.dir={str(root)!r} is not a folder")
+        raise ConfigError(f"slides.dir={describe_path(root)} is not a folder")
     exts = {e.lower() if e.startswith(".") else f".{e.lower()}" for e in extensions}
     files = sorted(p for p in root.rglob("*") if p.is_file() and p.suffix.lower() in exts
                    and not p.name.startswith("."))

@@ -26,7 +26,7 @@ import pandas as pd
 
 from mil.bags import write_bag
 from mil.io import atomic_path
-from mil.tables import ONLY_EMPTY_IS_MISSING
+from mil.tables import ONLY_EMPTY_IS_MISSING, describe_path
 
 logger = logging.getLogger(__name__)
 
@@ -286,7 +286,7 @@ def read_table(
     """
     path = Path(path)
     if not path.is_file():
-        raise BagImportError(f"table {path} does not exist")
+        raise BagImportError(f"table {describe_path(path)} does not exist")
     try:
         if header is None:
             header = _has_header(path)
