@@ -14,7 +14,7 @@ import numpy as np
 from omegaconf import DictConfig
 
 from encoders.qc import render_qc, save_qc
-from encoders.slides import SlideError, SlideRef, open_slide, read_thumbnail, resolve_mpp
+from encoders.slides import SlideError, SlideRef, open_slide, read_thumbnail, resolve_mpp_xy
 from encoders.tiling import LEVEL_TOLERANCE, TilePlan, grid_coords, plan_tiles, tissue_fraction
 from encoders.tissue import detect_tissue
 
@@ -62,8 +62,7 @@ class PreparedSlide:
         return {
             "tile_px": self.plan.tile_px,
             "mpp": self.plan.target_mpp,
-            "tile_size_level0": self.plan.tile_size_level0,
-            "slide_mpp": self.plan.slide_mpp,
+            **self.plan.geometry_attrs(),  # true sizes only: x and y apart for non-square pixels
             "slide_mpp_source": self.mpp_source,
             "slide_width": self.width,
             "slide_height": self.height,
@@ -87,26 +86,30 @@ def prepare_slide(ref: SlideRef, opt: ExtractOptions, qc_dir: Path,
     """
     start = time.perf_counter()
     with closing(open_slide(ref.path)) as slide:
-        mpp, mpp_source = resolve_mpp(slide, ref, opt.mpp_fallback)
+        mpp_x, mpp_y, mpp_source = resolve_mpp_xy(slide, ref, opt.mpp_fallback)
+        mpp = max(mpp_x, mpp_y)  # the coarser direction decides upsampling
         width, height = slide.dimensions
-        plan = plan_tiles(mpp, opt.target_mpp, opt.tile_px, slide.level_downsamples)
+        plan = plan_tiles(mpp_x, opt.target_mpp, opt.tile_px, slide.level_downsamples, mpp_y)
         thumb = read_thumbnail(slide, ref.path, opt.thumbnail_px)
     if plan.level == 0 and mpp > opt.target_mpp * (1 + LEVEL_TOLERANCE):
         logger.warning("%s: slide mpp %.3f is coarser than the target %.3f: tiles are upsampled",
                        ref.slide_id, mpp, opt.target_mpp)
-    tissue = detect_tissue(np.asarray(thumb), um_per_px=mpp * width / thumb.width)
-    grid = grid_coords(width, height, plan.tile_size_level0)
-    fraction = tissue_fraction(grid, plan.tile_size_level0, tissue.mask, (width, height))
+    tissue = detect_tissue(np.asarray(thumb), um_per_px=mpp_x * width / thumb.width)
+    grid = grid_coords(width, height, plan.tile_size_level0, plan.tile_size_level0_y)
+    fraction = tissue_fraction(grid, plan.tile_size_level0, tissue.mask, (width, height), plan.tile_size_level0_y)
     coords = grid[(fraction >= opt.min_tissue) & (fraction > 0)]
     caption = [
         f"{ref.slide_id}: {len(coords)} of {len(grid)} tiles with tissue >= {opt.min_tissue:g}",
-        f"{opt.tile_px} px at {opt.target_mpp:g} mpp = {plan.tile_size_level0:.1f} level-0 px; "
-        f"read from level {plan.level}; slide {mpp:.4g} mpp ({mpp_source}), {width}x{height}",
+        f"{opt.tile_px} px at {opt.target_mpp:g} mpp = {plan.tile_size_level0:.1f}"
+        + ("" if plan.square else f" x {plan.tile_size_level0_y:.1f}") + " level-0 px; "
+        f"read from level {plan.level}; slide {mpp_x:.4g}" + ("" if plan.square else f" x {mpp_y:.4g}")
+        + f" mpp ({mpp_source}), {width}x{height}",
     ]
 
     def write_qc() -> None:
         save_qc(qc_dir / f"{ref.slide_id}.png",
-                render_qc(thumb, tissue.mask, coords, plan.tile_size_level0, (width, height), caption))
+                render_qc(thumb, tissue.mask, coords, plan.tile_size_level0, (width, height), caption,
+                          plan.tile_size_level0_y))
 
     if len(grid) == 0 or len(coords) == 0 or defer_qc is None:
         write_qc()  # a failing slide's QC is written before the error that points to it

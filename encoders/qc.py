@@ -22,6 +22,7 @@ def render_qc(
     tile_size_level0: float,
     dimensions: tuple[int, int],
     caption: Sequence[str] = (),
+    tile_size_level0_y: float | None = None,
 ) -> Image.Image:
     """Left: the thumbnail. Right: tissue tinted green, kept tiles outlined in blue."""
     thumb = thumbnail.convert("RGB")
@@ -33,9 +34,10 @@ def render_qc(
     right = Image.composite(Image.blend(left, tint, 0.35), left, tissue)
     draw = ImageDraw.Draw(right)
     sx, sy = size[0] / dimensions[0], size[1] / dimensions[1]
+    size_y = tile_size_level0 if tile_size_level0_y is None else tile_size_level0_y
     for x, y in coords:
         draw.rectangle(
-            (x * sx, y * sy, (x + tile_size_level0) * sx - 1, (y + tile_size_level0) * sy - 1),
+            (x * sx, y * sy, (x + tile_size_level0) * sx - 1, (y + size_y) * sy - 1),
             outline=TILE_RGB,
         )
     text_h = 14 * len(caption) + 6 if caption else 0

@@ -11,7 +11,6 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
-import numpy as np
 import openslide
 from PIL import Image
 
@@ -19,7 +18,8 @@ logger = logging.getLogger(__name__)
 
 # Resolutions outside this range are placeholders (e.g. 72 dpi = 352.8 µm/px), not scans.
 PLAUSIBLE_MPP = (0.05, 50.0)
-MPP_ANISOTROPY_WARN = 0.01
+MPP_ANISOTROPY_WARN = 0.01  # pixels within 1% of square are treated as square (their mean)
+MAX_ANISOTROPY = 4.0  # beyond this ratio of mpp-x to mpp-y the metadata is refused
 
 
 class SlideError(RuntimeError):
@@ -38,7 +38,8 @@ class SlideRef:
 def open_slide(path: str | os.PathLike) -> openslide.OpenSlide:
     path = Path(path)
     if not path.exists():
-        raise SlideError(f"{path}: slide file does not exist")
+        where = "" if path.is_absolute() else f" (relative to the working directory {Path.cwd()})"
+        raise SlideError(f"{path}: slide file does not exist{where}")
     try:
         return openslide.OpenSlide(path)
     except openslide.OpenSlideUnsupportedFormatError:
@@ -47,42 +48,66 @@ def open_slide(path: str | os.PathLike) -> openslide.OpenSlide:
         raise SlideError(f"{path}: cannot open slide ({type(e).__name__}: {e})") from None
 
 
-def metadata_mpp(slide: openslide.OpenSlide) -> tuple[float | None, str]:
-    """(mpp, note) from the slide's properties; ``None`` with the reason when absent or implausible."""
+def metadata_mpp_xy(slide: openslide.OpenSlide) -> tuple[float | None, float | None, str]:
+    """(mpp-x, mpp-y, note) from the slide's properties; ``None`` with the reason when absent or implausible.
+
+    A slide with only one of the two properties has square pixels of that size.
+    """
     props = slide.properties
     try:
         mx = props.get(openslide.PROPERTY_NAME_MPP_X)
         my = props.get(openslide.PROPERTY_NAME_MPP_Y)
     except openslide.OpenSlideError as e:  # sticky error after a failed read
-        return None, f"properties unreadable ({e})"
+        return None, None, f"properties unreadable ({e})"
     if mx is None and my is None:
-        return None, "no openslide.mpp-x/mpp-y property"
-    values = [float(v) for v in (mx, my) if v is not None]
-    mpp = float(np.mean(values))
-    if not PLAUSIBLE_MPP[0] <= mpp <= PLAUSIBLE_MPP[1]:
-        return None, f"metadata mpp {mpp:g} is implausible: a placeholder, not a scan's resolution"
-    if len(values) == 2 and abs(values[0] - values[1]) > MPP_ANISOTROPY_WARN * mpp:
-        logger.warning("non-square pixels (mpp-x %s, mpp-y %s); using their mean %.4f", mx, my, mpp)
-    return mpp, "metadata"
+        return None, None, "no openslide.mpp-x/mpp-y property"
+    x = float(mx if mx is not None else my)
+    y = float(my if my is not None else mx)
+    for value in (x, y):
+        if not PLAUSIBLE_MPP[0] <= value <= PLAUSIBLE_MPP[1]:
+            return None, None, f"metadata mpp {value:g} is implausible: a placeholder, not a scan's resolution"
+    return x, y, "metadata"
 
 
-def resolve_mpp(slide: openslide.OpenSlide, ref: SlideRef, fallback: float | None) -> tuple[float, str]:
-    """The slide's level-0 mpp and where it came from: CSV column, metadata, or config fallback.
+def metadata_mpp(slide: openslide.OpenSlide) -> tuple[float | None, str]:
+    """(mpp, note) from the slide's properties: the mean of mpp-x and mpp-y (see :func:`metadata_mpp_xy`)."""
+    x, y, note = metadata_mpp_xy(slide)
+    return (None, note) if x is None or y is None else ((x + y) / 2, note)
 
-    A per-slide CSV value wins (it is explicit); ``slides.mpp`` only fills in for slides
-    whose metadata has none.
+
+def resolve_mpp_xy(slide: openslide.OpenSlide, ref: SlideRef, fallback: float | None) -> tuple[float, float, str]:
+    """The slide's level-0 (mpp-x, mpp-y) and where they came from: CSV column, metadata, or config.
+
+    A per-slide CSV value wins (it is explicit, and square); ``slides.mpp`` only fills in for
+    slides whose metadata has none. Pixels more than :data:`MPP_ANISOTROPY_WARN` from square
+    are kept as two values (tiling then uses separate x and y steps); beyond
+    :data:`MAX_ANISOTROPY` the metadata is refused, naming the slide.
     """
     if ref.mpp is not None:
-        return float(ref.mpp), "csv"
-    mpp, note = metadata_mpp(slide)
-    if mpp is not None:
-        return mpp, "metadata"
+        return float(ref.mpp), float(ref.mpp), "csv"
+    x, y, note = metadata_mpp_xy(slide)
+    if x is not None and y is not None:
+        if max(x, y) / min(x, y) > MAX_ANISOTROPY:
+            raise SlideError(
+                f"{ref.path}: slide {ref.slide_id!r} has pixels {x:g} x {y:g} µm (mpp-x, mpp-y), more than "
+                f"{MAX_ANISOTROPY:g}x from square: the metadata is likely wrong; give the true resolution in an "
+                "`mpp` column of the slide CSV (slides.csv)")
+        if abs(x - y) <= MPP_ANISOTROPY_WARN * (x + y) / 2:
+            return (x + y) / 2, (x + y) / 2, "metadata"  # square within 1%: tiles stay square to 0.5%
+        logger.info("%s: non-square pixels (mpp-x %g, mpp-y %g): tiles use separate x and y steps", ref.slide_id, x, y)
+        return x, y, "metadata"
     if fallback is not None:
-        return float(fallback), "config"
+        return float(fallback), float(fallback), "config"
     raise SlideError(
         f"{ref.path}: slide {ref.slide_id!r} has no usable resolution ({note}). Supply it as a "
         f"config override (slides.mpp=0.25) or in an `mpp` column of the slide CSV (slides.csv)"
     )
+
+
+def resolve_mpp(slide: openslide.OpenSlide, ref: SlideRef, fallback: float | None) -> tuple[float, str]:
+    """The slide's level-0 mpp (mean of x and y) and where it came from; see :func:`resolve_mpp_xy`."""
+    x, y, source = resolve_mpp_xy(slide, ref, fallback)
+    return (x + y) / 2, source
 
 
 def background_rgb(slide: openslide.OpenSlide) -> tuple[int, int, int]:

@@ -7,11 +7,11 @@ import math
 from collections.abc import Sequence
 from pathlib import Path
 
-import pandas as pd
 from omegaconf import DictConfig
 
 from encoders.slides import SlideRef
 from mil.config import ConfigError
+from mil.tables import TableError, describe_path, read_any_table
 
 logger = logging.getLogger(__name__)
 
@@ -20,7 +20,7 @@ DICOM_SUFFIX = ".dcm"
 
 def _from_dir(root: Path, extensions: Sequence[str]) -> list[SlideRef]:
     if not root.is_dir():
-        raise ConfigError(f"slides.dir={str(root)!r} is not a folder")
+        raise ConfigError(f"slides.dir={describe_path(root)} is not a folder")
     exts = {e.lower() if e.startswith(".") else f".{e.lower()}" for e in extensions}
     files = sorted(p for p in root.rglob("*") if p.is_file() and p.suffix.lower() in exts
                    and not p.name.startswith("."))
@@ -43,7 +43,7 @@ def _mpp_value(value: object, csv: Path, row: int) -> float | None:
     if value is None or (isinstance(value, float) and math.isnan(value)) or str(value).strip() == "":
         return None
     try:
-        mpp = float(value)
+        mpp = float(str(value).strip().replace(",", "."))  # 0,25 from a European spreadsheet
     except ValueError:
         raise ConfigError(f"{csv}: row {row}: mpp {value!r} is not a number") from None
     if not mpp > 0:
@@ -52,12 +52,11 @@ def _mpp_value(value: object, csv: Path, row: int) -> float | None:
 
 
 def _from_csv(csv: Path, slides: DictConfig) -> list[SlideRef]:
-    if not csv.is_file():
-        raise ConfigError(f"slides.csv={str(csv)!r} does not exist")
-    try:
-        table = pd.read_csv(csv, dtype={slides.slide_column: str, slides.path_column: str})
-    except Exception as e:  # pandas raises many types for malformed files
-        raise ConfigError(f"{csv}: not a readable CSV ({e})") from None
+    try:  # CSV with any separator, TSV or .xlsx; every cell text, only empty cells missing
+        table = read_any_table(csv, "slides.csv")
+    except TableError as e:
+        raise ConfigError(str(e)) from None
+    table.columns = [str(c).strip() for c in table.columns]
     missing = [c for c in (slides.slide_column, slides.path_column) if c not in table.columns]
     if missing:
         raise ConfigError(

@@ -21,15 +21,17 @@ then gets its slice, so a slide's raw scores sum to its share of the patient's a
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+import pandas as pd
 import torch
 from omegaconf import DictConfig
 
-from mil.bags import read_bag_info, read_coords, read_features
-from mil.cohort import Bag, load_cohort
+from mil.bags import BagError, read_bag_info, read_features, read_tile_geometry
+from mil.cohort import Bag, load_cohort, read_table
 from mil.config import ConfigError
 from mil.crossval import load_run_model
 from mil.inference import resolve_device
@@ -99,9 +101,30 @@ def ensemble_attention(
     return att.cpu().numpy().astype(np.float64), outputs.cpu().numpy(), used
 
 
-def slide_attention(run: Run, cfg: DictConfig, slide_ids: list[str], target_class: str | None = None
-                    ) -> list[SlideAttention]:
-    """Ensemble attention of each requested slide (each bag is run once, however many of its slides are asked)."""
+def slide_mpps(cfg: DictConfig) -> Callable[[str], float | None]:
+    """Level-0 mpp of a slide from the config alone: the slide table's ``mpp`` column, else ``slides.mpp``.
+
+    Used to place bags whose coordinates are in µm (STAMP); the command layer may pass a
+    resolver that also reads the slide file's metadata.
+    """
+    table: dict[str, float] = {}
+    if cfg.cohort.slide_csv:
+        df = read_table(cfg.cohort.slide_csv, [cfg.cohort.slide_column], "slide table")
+        if "mpp" in df.columns:
+            values = pd.to_numeric(df["mpp"], errors="coerce")
+            table = {str(s): float(v) for s, v in zip(df[cfg.cohort.slide_column], values, strict=True) if v > 0}
+    fallback = None if cfg.slides.mpp is None else float(cfg.slides.mpp)
+    return lambda slide_id: table.get(slide_id, fallback)
+
+
+def slide_attention(run: Run, cfg: DictConfig, slide_ids: list[str], target_class: str | None = None,
+                    slide_mpp: Callable[[str], float | None] | None = None) -> list[SlideAttention]:
+    """Ensemble attention of each requested slide (each bag is run once, however many of its slides are asked).
+
+    Coordinates are level-0 pixels; a bag that stores them in µm (STAMP) is converted with the
+    slide's mpp from ``slide_mpp(slide_id)`` (default :func:`slide_mpps`), and its attributes
+    gain the true ``tile_size_level0`` and ``slide_mpp`` (see :func:`mil.bags.read_tile_geometry`).
+    """
     if not slide_ids:
         raise ConfigError("name at least one slide (--slide SLIDE_ID)")
     device = resolve_device(cfg.trainer.accelerator)
@@ -131,6 +154,7 @@ def slide_attention(run: Run, cfg: DictConfig, slide_ids: list[str], target_clas
         why = "; ".join(f"{s}: {skipped.get(s, 'not in the slide table')}" for s in unknown[:5])
         raise HeatmapError(f"slide(s) not in the cohort of {cfg.cohort.slide_csv} with bags in "
                            f"{cfg.cohort.features_dir}: {why}")
+    mpp_of = slide_mpp or slide_mpps(cfg)
     results = []
     bags = {by_slide[s].bag_id: by_slide[s] for s in slide_ids}  # each bag once, in request order
     for bag in bags.values():
@@ -142,11 +166,20 @@ def slide_attention(run: Run, cfg: DictConfig, slide_ids: list[str], target_clas
         for sid, path, part in zip(bag.slide_ids, bag.paths, parts, strict=True):
             n = len(part)
             if sid in slide_ids:
-                coords = read_coords(path)
-                if coords is None:
+                attrs = read_bag_info(path).attrs
+                try:
+                    geometry = read_tile_geometry(path, mpp_of(sid))
+                except BagError as e:
+                    raise HeatmapError(str(e)) from None
+                if geometry is None:
                     raise HeatmapError(f"{path}: the bag has no tile coordinates ('coords'); heatmaps need them")
+                if geometry.unit != "px":  # now in level-0 pixels: record the geometry that places them
+                    mpp = attrs.get("slide_mpp", mpp_of(sid))
+                    attrs = {**attrs, "slide_mpp": mpp, "coords_unit_in_file": geometry.unit}
+                    if geometry.tile_size_level0 is not None:
+                        attrs["tile_size_level0"] = geometry.tile_size_level0
                 results.append(SlideAttention(
-                    sid, bag, path, coords, att[start:start + n], read_bag_info(path).attrs,
+                    sid, bag, path, geometry.coords, att[start:start + n], attrs,
                     None if used is None or len(classes) < 2 else classes[used], prob_dict))
             start += n
     order = {s: i for i, s in enumerate(slide_ids)}

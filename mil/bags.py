@@ -3,7 +3,9 @@
 A bag file holds
 
 * ``features``: [N, D] float16 or float32, one row per tile;
-* ``coords``: [N, 2] int, level-0 pixel (x, y) of each tile's top-left corner (optional);
+* ``coords``: [N, 2] int, level-0 pixel (x, y) of each tile's top-left corner (optional;
+  a ``unit`` attribute of ``"px"`` or none; STAMP's µm coordinates, ``unit="um"``, are
+  converted to level-0 pixels on reading, see :func:`read_tile_geometry`);
 * file attributes describing how the features were made (see :data:`PROVENANCE_ATTRS`).
 
 Bags written by CLAM and TRIDENT (``features``, ``coords``) and by STAMP (``feats``,
@@ -51,6 +53,10 @@ UNKNOWN = "unknown"
 
 class BagError(ValueError):
     """A bag file that cannot be used; the message names the file."""
+
+
+class EmptyBagError(BagError):
+    """A bag with 0 tiles (a slide without tissue): cohorts skip it rather than stop."""
 
 
 @dataclass(frozen=True)
@@ -122,7 +128,7 @@ def read_bag_info(path: str | os.PathLike) -> BagInfo:
         else:
             raise BagError(f"{path}: dataset {key!r} has shape {ds.shape}; expected [N, D]")
         if n == 0:
-            raise BagError(f"{path}: bag is empty (0 tiles)")
+            raise EmptyBagError(f"{path}: bag is empty (0 tiles)")
         if not np.issubdtype(ds.dtype, np.floating):
             raise BagError(f"{path}: features have dtype {ds.dtype}; expected float16 or float32")
         attrs = {k: _decode(v) for k, v in f.attrs.items()}
@@ -173,14 +179,78 @@ def count_nonfinite_tiles(path: str | os.PathLike, chunk_rows: int = 8192) -> in
     return bad
 
 
-def read_coords(path: str | os.PathLike) -> np.ndarray | None:
-    """Read the [N, 2] level-0 tile coordinates, or ``None`` when the bag has none."""
+# Spellings of the coordinate unit attribute: level-0 pixels, or micrometres (STAMP >= 2).
+PIXEL_UNITS = ("px", "pixel", "pixels", "level0", "level-0")
+MICRON_UNITS = ("um", "µm", "μm", "micron", "microns", "micrometer", "micrometre")
+
+
+@dataclass(frozen=True)
+class TileGeometry:
+    """Where a bag's tiles lie on the slide, in level-0 pixels whatever unit the file used."""
+
+    coords: np.ndarray  # [N, 2] int64, level-0 pixel (x, y) of each tile's top-left corner
+    tile_size_level0: float | None  # tile side in level-0 pixels, when the file establishes it
+    unit: str  # the unit stored in the file: "px" or "um"
+
+
+def _coord_unit(f: h5py.File, path: Path) -> str:
+    """The stored unit of ``coords``: "px" or "um"; raises when it cannot be established."""
+    unit = f[COORDS_KEY].attrs.get("unit", f.attrs.get("unit"))
+    if unit is not None:
+        text = str(_decode(unit)).strip().lower()
+        if text in PIXEL_UNITS:
+            return "px"
+        if text in MICRON_UNITS:
+            return "um"
+        raise BagError(f"{path}: tile coordinates have unit {text!r}; known units are level-0 pixels "
+                       f"({', '.join(PIXEL_UNITS)}) and micrometres ({', '.join(MICRON_UNITS)})")
+    if "tile_size_um" in f.attrs or _feature_key(f, path) == "feats":
+        # STAMP bags: from 2.x the coordinates are µm (with unit="um"); without the unit
+        # attribute the scale is unknown (older STAMP versions wrote other units).
+        raise BagError(
+            f"{path}: a STAMP-style bag whose tile coordinates have no 'unit' attribute, so their scale "
+            "(µm or pixels, at which level) cannot be established; re-extract with STAMP >= 2, or set the "
+            "attribute (h5py: f['coords'].attrs['unit'] = 'um' or 'px') if you know it")
+    return "px"  # ours, CLAM and TRIDENT: level-0 pixels
+
+
+def read_tile_geometry(path: str | os.PathLike, slide_mpp: float | None = None) -> TileGeometry | None:
+    """Tile corners in level-0 pixels (``None`` when the bag has no ``coords``).
+
+    Coordinates stored in µm (STAMP: ``unit="um"``, ``tile_size_um``) are divided by the
+    slide's level-0 resolution: the bag's ``slide_mpp`` attribute, else ``slide_mpp`` given
+    here (µm per level-0 pixel). Raises :class:`BagError` naming the file when the unit or
+    the resolution cannot be established; coordinates are never guessed.
+    """
     path = Path(path)
     with _open(path) as f:
         if COORDS_KEY not in f:
             return None
+        unit = _coord_unit(f, path)
         coords = f[COORDS_KEY][()]
-    return coords.reshape(-1, 2) if coords.ndim == 3 else coords
+        attrs = {k: _decode(v) for k, v in f.attrs.items()}
+    coords = coords.reshape(-1, 2) if coords.ndim == 3 else coords
+    if unit == "px":
+        size = attrs.get("tile_size_level0")
+        return TileGeometry(coords.astype(np.int64), None if size is None else float(size), unit)
+    mpp = attrs.get("slide_mpp", slide_mpp)
+    if mpp is None or not float(mpp) > 0:
+        raise BagError(
+            f"{path}: tile coordinates are in micrometres (unit='um', as STAMP writes them); converting them "
+            "to level-0 pixels needs the slide's resolution: set slides.mpp=<µm per level-0 pixel> or an "
+            "'mpp' column in the slide table")
+    mpp = float(mpp)
+    size_um = attrs.get("tile_size_um")
+    return TileGeometry(np.round(coords / mpp).astype(np.int64), None if size_um is None else float(size_um) / mpp, unit)
+
+
+def read_coords(path: str | os.PathLike, slide_mpp: float | None = None) -> np.ndarray | None:
+    """Read the [N, 2] level-0 pixel tile coordinates, or ``None`` when the bag has none.
+
+    µm coordinates are converted with the slide's mpp (see :func:`read_tile_geometry`).
+    """
+    geometry = read_tile_geometry(path, slide_mpp)
+    return None if geometry is None else geometry.coords
 
 
 def write_bag(

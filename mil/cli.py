@@ -140,6 +140,23 @@ def _parse_shard(text: str) -> tuple[int, int]:
     return i, n
 
 
+class _IntermixedParser(argparse.ArgumentParser):
+    """A subcommand parser that accepts positionals (``key=value`` overrides, YAML files) before
+    and after options, e.g. ``mil heatmap RUN cfg.yaml --slide X output_dir=/tmp/hm``
+    (argparse's intermixed parsing)."""
+
+    _intermixing = False
+
+    def parse_known_args(self, args=None, namespace=None):
+        if self._intermixing:
+            return super().parse_known_args(args, namespace)
+        self._intermixing = True
+        try:
+            return self.parse_known_intermixed_args(args, namespace)
+        finally:
+            self._intermixing = False
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="mil",
@@ -147,7 +164,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging and full tracebacks")
-    sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True, parser_class=_IntermixedParser)
 
     def add(name: str, func: Callable, help: str, description: str) -> argparse.ArgumentParser:
         p = sub.add_parser(name, help=help, description=description)

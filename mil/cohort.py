@@ -8,6 +8,7 @@ name the file and row.
 
 from __future__ import annotations
 
+import difflib
 import logging
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -16,7 +17,8 @@ import numpy as np
 import pandas as pd
 from omegaconf import DictConfig
 
-from mil.bags import IDENTITY_ATTRS, UNKNOWN, BagInfo, identity_value, read_bag_info
+from mil import tables
+from mil.bags import IDENTITY_ATTRS, UNKNOWN, BagInfo, EmptyBagError, identity_value, read_bag_info
 
 logger = logging.getLogger(__name__)
 
@@ -69,6 +71,7 @@ class Cohort:
     bag_level: str
     skipped: pd.DataFrame = field(default_factory=lambda: pd.DataFrame(columns=["kind", "id", "reason"]))
     columns: list[LabelColumn] = field(default_factory=list)  # label columns, classes resolved
+    unknown_labels: dict[str, dict[str, int]] = field(default_factory=dict)  # column -> {value outside classes: count}
 
     @property
     def patient_ids(self) -> np.ndarray:
@@ -84,22 +87,17 @@ class Cohort:
         return [b for b in self.bags if b.patient_id in patients]
 
 
+# Names other tools give the id columns (CLAM: case_id; STAMP: PATIENT, FILENAME), accepted when
+# the table lacks the configured default name.
+ID_ALIASES = {"patient_id": ("case_id", "patient"), "slide_id": ("filename", "slide_name")}
+
+
 def read_table(path: str | Path, required: list[str], what: str) -> pd.DataFrame:
-    """Read a CSV as strings, checking that the required columns exist."""
-    path = Path(path)
-    if not path.is_file():
-        raise CohortError(f"{what} {path} does not exist")
+    """Read a cohort table (CSV with any separator, TSV or .xlsx) as strings; see :mod:`mil.tables`."""
     try:
-        df = pd.read_csv(path, dtype=str, keep_default_na=True)
-    except (pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError) as e:
-        raise CohortError(f"{what} {path} cannot be parsed as CSV: {e}") from None
-    df.columns = [c.strip() for c in df.columns]
-    missing = [c for c in required if c not in df.columns]
-    if missing:
-        raise CohortError(f"{what} {path} has no column {', '.join(map(repr, missing))}; columns are {list(df.columns)}")
-    for column in required:
-        df[column] = df[column].str.strip()
-    return df
+        return tables.read_table(path, required, what, aliases=ID_ALIASES)
+    except tables.TableError as e:
+        raise CohortError(str(e)) from None
 
 
 def _check_unique(df: pd.DataFrame, column: str, path: str | Path) -> None:
@@ -144,15 +142,128 @@ def _missing_reason(row: pd.Series, columns: list[LabelColumn]) -> str | None:
     return None
 
 
+def _prepare_values(
+    df: pd.DataFrame, column: LabelColumn, source: str | Path, id_column: str, unknown_labels: str,
+    unknown: dict[str, dict[str, int]],
+) -> None:
+    """Normalise a label column in place (spaces, numeric missing spellings), then check it.
+
+    Category values are strings as written: only empty cells are missing. With
+    ``unknown_labels="ignore"`` a category value outside the column's classes becomes missing
+    and is counted in ``unknown`` instead of raising, as long as every class still has a bag
+    (otherwise the names look renamed, and the error names both sides).
+    """
+    values = df[column.name]
+    values = values.where(values.isna(), values.astype(str).str.strip()).replace("", None)
+    if column.kind != "category":
+        values = tables.numeric_missing(values)
+    elif unknown_labels == "ignore" and column.classes is not None:
+        outside = values.notna() & ~values.isin(column.classes)
+        # A few extra classes (MSI-L beside MSS and MSI-H) are left out; a trained class that no
+        # bag has while other names appear looks like a renamed class: check_values refuses it.
+        renamed = set(column.classes) - set(values[~outside].dropna())
+        if outside.any() and not renamed:
+            unknown[column.name] = {str(k): int(v) for k, v in values[outside].value_counts().items()}
+            values = values.where(~outside)
+    df[column.name] = values
+    check_values(df, column, source, id_column)
+
+
+def _table_paths(cfg: DictConfig) -> tuple[str, str | None]:
+    """(slide table, clinical table or None): one CLAM-style table may serve as both."""
+    slide_csv, clinical_csv = cfg.slide_csv, cfg.clinical_csv
+    if not slide_csv and not clinical_csv:
+        raise CohortError("set cohort.slide_csv: a table with patient and slide id columns (and the labels; "
+                          "a separate per-patient cohort.clinical_csv is optional)")
+    if not slide_csv:
+        logger.info("cohort.clinical_csv %s is the only table: reading patients, slides and labels from it", clinical_csv)
+        return clinical_csv, None
+    if clinical_csv and Path(clinical_csv).resolve() == Path(slide_csv).resolve():
+        logger.info("cohort.clinical_csv and cohort.slide_csv are one table: reading it once")
+        return slide_csv, None
+    return slide_csv, clinical_csv
+
+
+def _normal_id(value: str) -> str:
+    return value.strip().casefold().lstrip("0") or "0"
+
+
+def _check_ids_match(clinical: pd.DataFrame, slides: pd.DataFrame, pcol: str, clinical_csv: str, slide_csv: str) -> None:
+    """Name ids that differ between the tables (with examples from each side); raise when none match."""
+    in_clinical, in_slides = set(clinical[pcol].dropna()), set(slides[pcol].dropna())
+    only_slides, only_clinical = sorted(in_slides - in_clinical), sorted(in_clinical - in_slides)
+    if not only_slides:
+        return
+    normal = {_normal_id(p): p for p in only_clinical}
+    pairs = [(p, normal[_normal_id(p)]) for p in only_slides if _normal_id(p) in normal]
+    hint = ""
+    if pairs:
+        examples = ", ".join(f"{a!r} vs {b!r}" for a, b in pairs[:3])
+        hint = (f"; {len(pairs)} differ only in leading zeros, case or spaces ({slide_csv} vs {clinical_csv}: {examples}): "
+                "a spreadsheet or R export turned the ids into numbers; keep the id column as text in both tables")
+    message = (f"{len(only_slides)} of the {len(in_slides)} patients in {slide_csv} are not in {clinical_csv} "
+               f"(e.g. {only_slides[:3]}; ids only in {clinical_csv}: {only_clinical[:3]}){hint}")
+    if not in_slides & in_clinical:
+        raise CohortError(f"patient ids do not match between the tables: {message}")
+    logger.warning("%s; their slides are skipped", message)
+
+
+def _bag_name(slide_id: str, bags: set[str], suffixes: set[str]) -> str | None:
+    """The bag file stem for a slide id: the id itself, or its stem when written with a file extension."""
+    if slide_id in bags:
+        return slide_id
+    name = Path(slide_id).name
+    stem, suffix = Path(name).stem, Path(name).suffix.lower()
+    if suffix in suffixes and stem in bags:
+        return stem
+    return name if name in bags else None
+
+
+# File extensions a slide id may carry (slide files and bags) and still match its bag by stem.
+SLIDE_SUFFIXES = {".h5", ".svs", ".ndpi", ".mrxs", ".tif", ".tiff", ".scn", ".vms", ".vmu", ".bif", ".dcm", ".czi",
+                  ".qptiff", ".svslide", ".isyntax", ".jpg", ".png"}
+
+
+class _Skips:
+    """Skipped rows with a reason (for skipped.csv) and a short category (for the summary line)."""
+
+    def __init__(self) -> None:
+        self.rows: list[tuple[str, str, str]] = []
+        self.categories: list[str] = []
+
+    def add(self, kind: str, item_id: str, reason: str, category: str) -> None:
+        self.rows.append((kind, item_id, reason))
+        self.categories.append(category)
+
+    def frame(self) -> pd.DataFrame:
+        return pd.DataFrame(self.rows, columns=["kind", "id", "reason"])
+
+    def summary(self) -> str:
+        """``15 slides without a bag (e.g. a1, a2, a3), 2 patients without slides (e.g. E)``."""
+        by: dict[str, list[str]] = {}
+        for (_, item_id, _), category in zip(self.rows, self.categories, strict=True):
+            by.setdefault(category, []).append(item_id)
+        parts = sorted(by.items(), key=lambda kv: -len(kv[1]))
+        return ", ".join(f"{len(ids)} {cat} (e.g. {', '.join(map(str, ids[:3]))})" for cat, ids in parts)
+
+
 def load_cohort(
-    cfg: DictConfig, require_labels: bool = True, columns: list[LabelColumn] | None = None
+    cfg: DictConfig, require_labels: bool = True, columns: list[LabelColumn] | None = None,
+    unknown_labels: str = "error",
 ) -> Cohort:
     """Build the cohort described by the ``cohort`` section of a config.
 
     ``columns`` are the label columns to read (default: ``cohort.target`` as a category with
     ``cohort.classes``); each comes from the clinical table when it has the column, else from
     the slide table. ``require_labels=False`` keeps unlabelled bags and drops absent columns
-    (prediction on a new cohort).
+    (prediction on a new cohort). ``unknown_labels="ignore"`` treats a category value outside
+    the column's classes as missing, counted in :attr:`Cohort.unknown_labels` (prediction),
+    instead of an error.
+
+    Tables are read by :mod:`mil.tables` (CSV with any separator, TSV, .xlsx; only empty
+    cells are missing). A single table with patient, slide and label columns may be given
+    as ``slide_csv`` alone, ``clinical_csv`` alone, or both. A slide id written with its file
+    extension matches the bag of its stem.
     """
     pcol, scol = cfg.patient_column, cfg.slide_column
     if cfg.bag_level not in ("patient", "slide"):
@@ -164,59 +275,106 @@ def load_cohort(
     for c in columns:
         if c.kind not in KINDS:
             raise CohortError(f"label column {c.name!r}: kind must be one of {KINDS}, got {c.kind!r}")
-    slides = read_table(cfg.slide_csv, [pcol, scol], "slide table")
-    _check_unique(slides, scol, cfg.slide_csv)
-    skipped: list[tuple[str, str, str]] = []
+    slide_csv, clinical_csv = _table_paths(cfg)
+    slides = read_table(slide_csv, [pcol, scol], "slide table")
+    _check_unique(slides, scol, slide_csv)
+    skipped = _Skips()
+    unknown: dict[str, dict[str, int]] = {}
 
     sources: dict[str, str] = {}
-    if cfg.clinical_csv:
-        clinical = read_table(cfg.clinical_csv, [pcol], "clinical table")
-        _check_unique(clinical, pcol, cfg.clinical_csv)
+    if clinical_csv:
+        clinical = read_table(clinical_csv, [pcol], "clinical table")
+        _check_unique(clinical, pcol, clinical_csv)
         here = [c for c in columns if c.name in clinical.columns]
         for c in here:
-            check_values(clinical, c, cfg.clinical_csv, pcol)
-            sources[c.name] = str(cfg.clinical_csv)
+            _prepare_values(clinical, c, clinical_csv, pcol, unknown_labels, unknown)
+            sources[c.name] = str(clinical_csv)
         names = [c.name for c in here]
+        _check_ids_match(clinical, slides, pcol, clinical_csv, slide_csv)
         slides = slides.drop(columns=names, errors="ignore").merge(clinical[[pcol, *names]], on=pcol, how="left")
         for pid in sorted(set(clinical[pcol].dropna()) - set(slides[pcol].dropna())):
-            skipped.append(("patient", pid, "no slides in the slide table"))
-        unknown = slides[~slides[pcol].isin(clinical[pcol])]
-        for sid in unknown[scol]:
-            skipped.append(("slide", sid, "patient not in the clinical table"))
+            skipped.add("patient", pid, "no slides in the slide table", "patients without slides")
+        unknown_rows = slides[~slides[pcol].isin(clinical[pcol])]
+        for sid in unknown_rows[scol]:
+            skipped.add("slide", sid, "patient not in the clinical table", "slides of patients not in the clinical table")
         slides = slides[slides[pcol].isin(clinical[pcol])]
     for c in [c for c in columns if c.name not in sources]:
         if c.name in slides.columns:
-            check_values(slides, c, cfg.slide_csv, scol)
-            sources[c.name] = str(cfg.slide_csv)
+            _prepare_values(slides, c, slide_csv, scol, unknown_labels, unknown)
+            sources[c.name] = str(slide_csv)
         elif require_labels:
-            where = f"{cfg.clinical_csv} or {cfg.slide_csv}" if cfg.clinical_csv else str(cfg.slide_csv)
+            where = f"{clinical_csv} or {slide_csv}" if clinical_csv else str(slide_csv)
             raise CohortError(f"label column {c.key}={c.name!r} not found in {where}")
         else:
             logger.info("no %r column: predicting without it", c.name)
     columns = [c for c in columns if c.name in sources]
+    for name, counts in unknown.items():
+        logger.warning("%d bag label(s) of %r outside the run's classes %s (%s): predicted, left out of the metrics",
+                       sum(counts.values()), name, next(c.classes for c in columns if c.name == name),
+                       ", ".join(f"{v!r}: {n}" for v, n in counts.items()))
 
     features_dir = Path(cfg.features_dir)
     if not features_dir.is_dir():
-        raise CohortError(f"cohort.features_dir {features_dir} is not a folder")
+        raise CohortError(f"cohort.features_dir {tables.describe_path(features_dir)} is not a folder")
+    bag_files = {p.stem for p in features_dir.glob("*.h5")}
     infos: dict[str, BagInfo] = {}
-    keep = []
+    keep, no_bag, used = [], [], set()
+    reasons: dict[str, str] = {}  # slide id -> why it was skipped
+    renamed: list[tuple[str, str]] = []
     for i, row in slides.iterrows():
         sid, pid = row[scol], row[pcol]
         if pd.isna(sid) or pd.isna(pid):
-            raise CohortError(f"{cfg.slide_csv}: row {i + 2} has an empty {scol} or {pcol}")
-        path = features_dir / f"{sid}.h5"
-        if not path.is_file():
-            skipped.append(("slide", sid, f"no bag {path.name} in {features_dir}"))
+            raise CohortError(f"{slide_csv}: row {i + 2} has an empty {scol} or {pcol}")
+        name = _bag_name(sid, bag_files, SLIDE_SUFFIXES)
+        if name is None:
+            no_bag.append(sid)
             continue
+        if name in used:
+            raise CohortError(f"{slide_csv}: slide ids {sid!r} and another row both name the bag {name}.h5")
+        used.add(name)
+        if name != sid:
+            renamed.append((sid, name))
+            slides.loc[i, scol] = name
         reason = _missing_reason(row, columns) if require_labels else None
         if reason:
-            skipped.append(("slide", sid, reason))
+            reasons[sid] = reason
+            skipped.add("slide", sid, reason, "slides with a missing label")
             continue
-        infos[sid] = read_bag_info(path)
+        try:
+            infos[name] = read_bag_info(features_dir / f"{name}.h5")
+        except EmptyBagError:
+            reasons[sid] = "empty bag (0 tiles)"
+            skipped.add("slide", sid, f"empty bag {name}.h5 (0 tiles)", "empty bags (0 tiles)")
+            continue
         keep.append(i)
+    if renamed:
+        logger.info("%d slide id(s) written with a file extension matched the bag of their stem (e.g. %s -> %s.h5); "
+                    "they are named by the stem", len(renamed), *renamed[0])
+    unused = sorted(bag_files - used)
+    for sid in no_bag:
+        looked = f"{sid}.h5" if Path(sid).stem == sid or Path(sid).suffix.lower() not in SLIDE_SUFFIXES \
+            else f"{sid}.h5 or {Path(sid).stem}.h5"
+        close = difflib.get_close_matches(sid, unused, n=1, cutoff=0.8)
+        reasons[sid] = f"no bag {looked} in {features_dir}" + (f"; closest unused bag: {close[0]}.h5" if close else "")
+        skipped.add("slide", sid, reasons[sid], "slides without a bag")
+    by_patient = slides.groupby(pcol, sort=True)[scol].apply(list) if len(slides) else pd.Series(dtype=object)
+    kept_patients = set(slides.loc[keep, pcol])
+    for pid, sids in by_patient.items():
+        if pid not in kept_patients:
+            why = sorted({reasons.get(s, "skipped").split(" in ")[0].split(";")[0] for s in sids})
+            skipped.add("patient", pid, f"all {len(sids)} slide(s) skipped: {'; '.join(why)}", "patients who lost every slide")
+    if unused:
+        logger.info("%d bag(s) in %s are not in the slide table (e.g. %s)", len(unused), features_dir, ", ".join(unused[:3]))
     slides = slides.loc[keep]
     if not infos:
-        raise CohortError(f"no usable bags: none of the {len(keep) + len(skipped)} listed slides has a bag in {features_dir}")
+        looked = ", ".join(f"{s}.h5" for s in no_bag[:3])
+        found = ", ".join(f"{s}.h5" for s in sorted(bag_files)[:3])
+        raise CohortError(
+            f"no usable bags: of the {len(reasons)} slides listed in {slide_csv}, {len(no_bag)} have no bag in "
+            f"{tables.describe_path(features_dir)}" + (f" (looked for e.g. {looked}; the folder holds {len(bag_files)} "
+                                                       f".h5 file(s){', e.g. ' + found if found else ''})" if no_bag else "")
+            + (f"; skipped: {skipped.summary()}" if skipped.rows else "")
+        )
     identity = _check_consistent(list(infos.values()), dict(cfg.get("bag_identity") or {}))
 
     columns = [
@@ -226,16 +384,13 @@ def load_cohort(
     ]
     bags = _group(slides, infos, pcol, scol, columns, cfg.bag_level, sources)
     first = next(iter(infos.values()))
-    skipped_df = pd.DataFrame(skipped, columns=["kind", "id", "reason"])
-    if len(skipped_df):
-        logger.warning(
-            "skipped %d row(s) (%s); see skipped.csv", len(skipped_df),
-            ", ".join(f"{n} {r}" for r, n in skipped_df.reason.str.split(" in ").str[0].value_counts().items()),
-        )
+    if skipped.rows:
+        logger.warning("skipped %d row(s): %s; every row with its reason in skipped.csv",
+                       len(skipped.rows), skipped.summary())
     classes = list(columns[0].classes or []) if columns and columns[0].kind == "category" else []
     logger.info("cohort: %d bags, %d patients, label columns %s", len(bags), len({b.patient_id for b in bags}),
                 ", ".join(c.name + (f" {c.classes}" if c.classes else f" ({c.kind})") for c in columns) or "none")
-    return Cohort(bags, classes, first.dim, identity, cfg.bag_level, skipped_df, columns)
+    return Cohort(bags, classes, first.dim, identity, cfg.bag_level, skipped.frame(), columns, unknown)
 
 
 def bag_identity(info: BagInfo, declared: dict[str, str]) -> dict[str, str]:

@@ -12,12 +12,13 @@ import logging
 import os
 import re
 from collections.abc import Iterable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, is_dataclass
 from pathlib import Path
 from typing import Any
 
 from omegaconf import DictConfig, ListConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
+from omegaconf.nodes import StringNode
 
 from mil.io import write_text
 
@@ -197,6 +198,51 @@ def _schema_keys(node: Any, prefix: str = "") -> set[str]:
     return keys
 
 
+# Other names users give config keys (by last segment), mapped to this schema's names. A
+# synonym is only suggested when its target is a key of the schema.
+KEY_SYNONYMS = {
+    "learning_rate": "lr", "learningrate": "lr", "base_lr": "lr", "epochs": "max_epochs", "num_epochs": "max_epochs",
+    "n_epochs": "max_epochs", "max_epoch": "max_epochs", "wd": "weight_decay", "bs": "batch_size",
+    "batchsize": "batch_size", "workers": "num_workers", "gpus": "devices", "n_folds": "folds", "num_folds": "folds",
+    "k_folds": "folds", "nfolds": "folds", "label": "target", "label_column": "target", "target_column": "target",
+    "labels": "classes", "class_names": "classes", "early_stopping_patience": "patience", "patient_col": "patient_column",
+    "slide_col": "slide_column", "feature_dir": "features_dir", "feats_dir": "features_dir", "feat_dir": "features_dir",
+    "model_name": "name", "arch": "name", "architecture": "name", "output": "output_dir", "out_dir": "output_dir",
+    "mixed_precision": "precision", "amp": "precision", "random_seed": "seed",
+}
+
+
+def suggest_key(dotted: str, valid: Iterable[str]) -> str | None:
+    """The valid key a mistyped or foreign ``dotted`` key most likely means, or None.
+
+    In order: a key with the same last segment or its synonym (``train.learning_rate`` ->
+    ``train.lr``, ``epochs`` -> ``train.max_epochs``), preferring the same section; a close
+    spelling of the last segment in the same section, then anywhere; a close spelling of the
+    whole key.
+    """
+    valid = sorted(valid)
+    section, _, leaf = dotted.rpartition(".")
+    leaves = {k: k.rpartition(".")[2] for k in valid}
+    wanted = {leaf.lower(), KEY_SYNONYMS.get(leaf.lower(), leaf.lower())}
+
+    def best(keys: list[str]) -> str | None:
+        if not keys:
+            return None
+        same = [k for k in keys if k.rpartition(".")[0] == section]
+        return (same or sorted(keys, key=lambda k: (k.count("."), k)))[0]
+
+    found = best([k for k, last in leaves.items() if last.lower() in wanted and k != dotted])
+    if found:
+        return found
+    for pool in ([k for k in valid if k.rpartition(".")[0] == section], valid):
+        names = sorted({leaves[k] for k in pool})
+        close = difflib.get_close_matches(leaf, names, n=1, cutoff=0.6)
+        if close:
+            return best([k for k in pool if leaves[k] == close[0]])
+    close = difflib.get_close_matches(dotted, valid, n=1, cutoff=0.6)
+    return close[0] if close else None
+
+
 def _check_keys(user: DictConfig, schema: DictConfig, source: str) -> None:
     valid = _schema_keys(schema)
 
@@ -204,8 +250,8 @@ def _check_keys(user: DictConfig, schema: DictConfig, source: str) -> None:
         for key in node:
             dotted = f"{prefix}{key}"
             if dotted not in valid:
-                close = difflib.get_close_matches(dotted, sorted(valid), n=1, cutoff=0.6)
-                hint = f"; did you mean {close[0]!r}?" if close else ""
+                close = suggest_key(dotted, valid)
+                hint = f"; did you mean {close!r}?" if close else ""
                 raise ConfigError(f"{source}: unknown config key {dotted!r}{hint}")
             child = node._get_node(key)
             if isinstance(child, DictConfig) and dotted not in _FREE_FORM and not child._is_none():
@@ -214,9 +260,39 @@ def _check_keys(user: DictConfig, schema: DictConfig, source: str) -> None:
     walk(user, "")
 
 
+def _check_booleans(user: Any, schema: Any, source: str, prefix: str = "") -> None:
+    """Refuse a YAML boolean where the schema wants text (class names, ids, column names).
+
+    YAML 1.1 reads unquoted ``no``/``yes``, ``off``/``on``, ``false``/``true`` as booleans,
+    which would silently become the strings 'False'/'True'.
+    """
+    if isinstance(user, DictConfig) and isinstance(schema, DictConfig):
+        for key in user:
+            if key in schema and f"{prefix}{key}" not in _FREE_FORM:
+                _check_booleans(user._get_node(key), schema._get_node(key), source, f"{prefix}{key}.")
+        return
+    dotted = prefix.rstrip(".")
+    if isinstance(user, ListConfig) and isinstance(schema, ListConfig) and not user._is_none():
+        element = schema._metadata.element_type
+        for i, item in enumerate(user):
+            if element is str and isinstance(item, bool):
+                raise ConfigError(
+                    f"{source}: {dotted} item {i} is the YAML boolean {item}: unquoted no/yes, off/on and "
+                    f"false/true are read as booleans, so it would become {str(item)!r}; quote the names "
+                    f"(e.g. {dotted.rpartition('.')[2]}: ['no', 'yes'])")
+            if isinstance(element, type) and is_dataclass(element) and isinstance(user._get_node(i), DictConfig):
+                _check_booleans(user._get_node(i), OmegaConf.structured(element), source, f"{dotted}[{i}].")
+        return
+    if isinstance(schema, StringNode) and isinstance(getattr(user, "_value", lambda: None)(), bool):
+        raise ConfigError(
+            f"{source}: {dotted} is the YAML boolean {user._value()}: unquoted no/yes, off/on and false/true are read "
+            f"as booleans; quote the value (e.g. {dotted.rpartition('.')[2]}: 'yes')")
+
+
 def _load_yaml(path: Path) -> DictConfig:
     if not path.is_file():
-        raise ConfigError(f"config file {path} does not exist")
+        where = "" if path.is_absolute() else f" (relative to the working directory {Path.cwd()})"
+        raise ConfigError(f"config file {path}{where} does not exist")
     try:
         cfg = OmegaConf.load(path)
     except Exception as e:  # yaml.YAMLError and friends
@@ -267,7 +343,9 @@ def _model_train_defaults(name: str) -> dict[str, Any]:
 
 
 def _merge(cfg: DictConfig, user: DictConfig, source: str) -> DictConfig:
-    _check_keys(user, OmegaConf.structured(Config), source)
+    schema = OmegaConf.structured(Config)
+    _check_keys(user, schema, source)
+    _check_booleans(user, schema, source)
     try:
         return OmegaConf.merge(cfg, user)
     except OmegaConfBaseException as e:

@@ -45,6 +45,7 @@ from mil.provenance import (
 )
 from mil.report import write_report
 from mil.splits import Fold, SplitError, inner_split, load_splits, make_splits, save_splits
+from mil.tables import ONLY_EMPTY_IS_MISSING
 from mil.tasks import Task, create_task, task_class, task_from_meta
 from mil.training import fit
 
@@ -52,7 +53,7 @@ logger = logging.getLogger(__name__)
 
 # Keys that do not change results: a resumed run may differ in these.
 _RESUME_FREE = {"output_dir", "trainer.enable_progress_bar", "trainer.logger", "train.num_workers", "cv.split_file"} | LAUNCHER_KEYS
-_REQUIRED = ["cohort.slide_csv", "cohort.features_dir"]
+_REQUIRED = ["cohort.features_dir"]  # and a table: cohort.slide_csv and/or cohort.clinical_csv (load_cohort)
 
 
 def is_main_process() -> bool:
@@ -263,7 +264,7 @@ def _finished_fold(cfg: DictConfig, cohort: Cohort, task: Task, fold: Fold, fold
             done.unlink()  # an interrupted redo must not leave the old fold looking finished
         return None
     logger.info("%s already finished on the same data, keeping it", fold.name)
-    return pd.read_csv(done, dtype={**{c: str for c in id_columns(cfg)}, **task.csv_dtypes()})
+    return pd.read_csv(done, dtype={**{c: str for c in id_columns(cfg)}, **task.csv_dtypes()}, **ONLY_EMPTY_IS_MISSING)
 
 
 def prepare_crossval(cfg: DictConfig) -> tuple[Path, int]:
@@ -316,7 +317,7 @@ def pool_results(cfg: DictConfig, out: Path, cohort: Cohort, task: Task, folds: 
             logger.info("pooled results in %s are current", out)
             return True
         dtypes = {**{c: str for c in id_columns(cfg)}, **task.csv_dtypes()}
-        predictions = pd.concat([pd.read_csv(out / f.name / "predictions.csv", dtype=dtypes) for f in folds],
+        predictions = pd.concat([pd.read_csv(out / f.name / "predictions.csv", dtype=dtypes, **ONLY_EMPTY_IS_MISSING) for f in folds],
                                 ignore_index=True)
         _write_csv(predictions, out / "predictions.csv")
         result = write_report(predictions, task.columns[0].name, cohort.classes, out, id_columns(cfg),

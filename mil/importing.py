@@ -26,6 +26,7 @@ import pandas as pd
 
 from mil.bags import write_bag
 from mil.io import atomic_path
+from mil.tables import ONLY_EMPTY_IS_MISSING, describe_path
 
 logger = logging.getLogger(__name__)
 
@@ -285,11 +286,11 @@ def read_table(
     """
     path = Path(path)
     if not path.is_file():
-        raise BagImportError(f"table {path} does not exist")
+        raise BagImportError(f"table {describe_path(path)} does not exist")
     try:
         if header is None:
             header = _has_header(path)
-        df = pd.read_csv(path, header=0 if header else None, dtype=str, keep_default_na=True)
+        df = pd.read_csv(path, header=0 if header else None, dtype=str, **ONLY_EMPTY_IS_MISSING)  # label "None" is a label
     except (pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError) as e:
         raise BagImportError(f"{path}: cannot be parsed as CSV ({e})") from None
     if header:

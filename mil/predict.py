@@ -190,7 +190,8 @@ def run_predict(run_dir: str | Path, overrides: list[str]) -> Path:
     out = Path(cfg.output_dir)
     columns = prediction_columns(run, cfg)
     task = task_class(cfg)(columns, cfg)
-    cohort = load_cohort(cfg.cohort, require_labels=False, columns=columns)
+    # labels outside the trained classes (e.g. MSI-L for an MSS/MSI-H model): predicted, left out of the metrics
+    cohort = load_cohort(cfg.cohort, require_labels=False, columns=columns, unknown_labels="ignore")
     check_compatible(run, cohort)
     device = resolve_device(cfg.trainer.accelerator)
     per_model: dict[str, dict[str, np.ndarray]] = {}
@@ -210,6 +211,8 @@ def run_predict(run_dir: str | Path, overrides: list[str]) -> Path:
         df.to_csv(tmp, index=False)
     meta = {"kind": "predict", "run": str(run.path), **task.metadata(), "models": list(run.weights),
             "bootstrap": {"n": cfg.cv.bootstrap, "seed": cfg.cv.seed}}
+    if cohort.unknown_labels:  # counted, so the metrics' n is explained
+        meta["labels_outside_classes"] = cohort.unknown_labels
     write_text(out / "run.yaml", OmegaConf.to_yaml(OmegaConf.create(meta)))
     labelled = task.labelled(df)
     if labelled:

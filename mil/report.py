@@ -22,6 +22,7 @@ import pandas as pd
 from mil.io import write_json, write_text
 from mil.metrics import COUNTS, classification_metrics, mean_std, with_intervals
 from mil.plots import plot_calibration, plot_confusion, plot_curves
+from mil.tables import ONLY_EMPTY_IS_MISSING
 
 logger = logging.getLogger(__name__)
 
@@ -227,7 +228,7 @@ def report_predictions(
     outputs = task.truth_names + task.prediction_names
     ids = [c for c in header
            if c not in (*outputs, "fold", "repeat") and not any(c.endswith(f".{p}") for p in task.prediction_names)]
-    df = pd.read_csv(csv, dtype={**task.csv_dtypes(), **{c: str for c in ids}})
+    df = pd.read_csv(csv, dtype={**task.csv_dtypes(), **{c: str for c in ids}}, **ONLY_EMPTY_IS_MISSING)
     out = Path(out_dir) if out_dir else csv.parent
     boot = meta.get("bootstrap", {}) if meta is not None else {}
     write_report(df, target, task.columns[0].classes or [], out, ids,

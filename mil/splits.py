@@ -14,10 +14,12 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import numpy as np
+import yaml
 from omegaconf import OmegaConf
 from sklearn.model_selection import StratifiedGroupKFold
 
 from mil.io import write_text
+from mil.tables import describe_path
 
 logger = logging.getLogger(__name__)
 
@@ -97,19 +99,44 @@ def save_splits(folds: list[Fold], path: str | Path) -> None:
     write_text(path, OmegaConf.to_yaml(OmegaConf.create([asdict(f) for f in folds])))
 
 
+def read_split_yaml(path: Path) -> object:
+    """The YAML of a split file with every scalar a string, exactly as written.
+
+    Patient ids are text: a split file written without quotes (a hand edit, an R or Excel
+    export) must not turn ``000`` into 0 or ``010`` into 8 (YAML 1.1 octal), so scalars are
+    not resolved to numbers or booleans (PyYAML's ``BaseLoader``).
+    """
+    try:
+        return yaml.load(path.read_text(encoding="utf-8-sig"), Loader=yaml.BaseLoader)
+    except yaml.YAMLError as e:
+        raise SplitError(f"{path}: not valid YAML ({e})") from None
+
+
+def _int_field(item: dict, key: str, default: int, path: Path, i: int) -> int:
+    try:
+        return int(item.get(key, default))
+    except (TypeError, ValueError):
+        raise SplitError(f"{path}: fold {i} has {key}={item.get(key)!r}; expected a whole number") from None
+
+
 def load_splits(path: str | Path, known_patients: set[str]) -> list[Fold]:
     """Read a ``splits.yaml``; patients it names that the cohort lacks are dropped with a warning."""
     path = Path(path)
     if not path.is_file():
-        raise SplitError(f"cv.split_file {path} does not exist")
-    raw = OmegaConf.to_container(OmegaConf.load(path))
+        raise SplitError(f"cv.split_file {describe_path(path)} does not exist")
+    raw = read_split_yaml(path)
     if not isinstance(raw, list) or not raw:
         raise SplitError(f"{path}: expected a list of folds with train/val/test patient lists")
     folds = []
     for i, item in enumerate(raw):
+        if not isinstance(item, dict):
+            raise SplitError(f"{path}: fold {i} is not a mapping with train/val/test patient lists")
         missing = {"train", "val", "test"} - set(item)
         if missing:
             raise SplitError(f"{path}: fold {i} has no {', '.join(sorted(missing))} list")
+        bad = [k for k in ("train", "val", "test") if not isinstance(item[k], list)]
+        if bad:
+            raise SplitError(f"{path}: fold {i}: {', '.join(bad)} must be a list of patient ids")
         parts = {k: [str(p) for p in item[k]] for k in ("train", "val", "test")}
         overlap = (set(parts["train"]) & set(parts["val"])) | (set(parts["test"]) & (set(parts["train"]) | set(parts["val"])))
         if overlap:
@@ -120,5 +147,5 @@ def load_splits(path: str | Path, known_patients: set[str]) -> list[Fold]:
                 logger.warning("%s fold %d: %d %s patient(s) not in the cohort, dropped (e.g. %s)", path, i, len(unknown), key, unknown[0])
                 parts[key] = [p for p in parts[key] if p in known_patients]
         name = str(item.get("name", f"fold_{i}"))
-        folds.append(Fold(name, int(item.get("repeat", 0)), int(item.get("fold", i)), **parts))
+        folds.append(Fold(name, _int_field(item, "repeat", 0, path, i), _int_field(item, "fold", i, path, i), **parts))
     return folds

@@ -40,11 +40,13 @@ def test_foreign_bags_load(tmp_path, layout, key):
         f.create_dataset(key, data=x[None] if layout == "clam_3d" else x)
         if layout != "trident":  # coords may be absent
             f.create_dataset("coords", data=np.zeros((9, 2), dtype=np.int32))
+        if layout == "stamp":  # STAMP >= 2 stores µm coordinates and says so
+            f.attrs["unit"] = "um"
     info = read_bag_info(path)
     assert (info.n_tiles, info.dim, info.feature_key) == (9, 6, key)
     assert info.identity["encoder"] == "unknown"
     np.testing.assert_allclose(read_features(path), x)
-    assert (read_coords(path) is None) == (layout == "trident")
+    assert (read_coords(path, slide_mpp=0.5) is None) == (layout == "trident")
 
 
 def test_broken_files_are_named(tmp_path):

@@ -50,7 +50,8 @@ def test_patient_bags_and_skips(tables):
     assert reasons["E"] == "no slides in the slide table"
     assert reasons["f1"] == "patient not in the clinical table"
     assert reasons["d1"] == "missing MSI label"
-    assert len(cohort.skipped) == 3
+    assert reasons["D"] == "all 1 slide(s) skipped: missing MSI label"  # the patient who lost every slide
+    assert len(cohort.skipped) == 4
 
 
 def test_slide_level_bags_and_missing_bag(tables):

@@ -243,7 +243,9 @@ def test_multi_target_keeps_partially_labelled_bags(tmb_cohort, tmp_path):
                       "task.targets=[{column: MSI}, {column: BRAF}]")
     cohort = load_cohort(cfg.cohort, columns=task_class(cfg).label_columns(cfg))
     assert len(cohort.bags) == 9  # every fourth patient has neither label
-    assert set(cohort.skipped.reason) == {"missing all labels (MSI, BRAF)"}
+    slides = cohort.skipped[cohort.skipped.kind == "slide"]
+    assert set(slides.reason) == {"missing all labels (MSI, BRAF)"}
+    assert cohort.skipped[cohort.skipped.kind == "patient"].reason.str.endswith("missing all labels (MSI, BRAF)").all()
     targets = create_task(cfg, cohort.columns).encode(cohort.bags)
     assert targets.shape == (9, 2) and (targets == -1).sum() == 6
 
