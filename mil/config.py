@@ -146,6 +146,9 @@ class TaskConfig:
     event: str | None = None  # survival: event column (1 = event, 0 = censored)
     loss: str | None = None  # None: the task's default; regression: "mse" (default) or "huber"
     huber_delta: float = 1.0  # regression: Huber threshold, in standard deviations of the training targets
+    # binary classification: how the call's threshold on P(positive) is chosen on the validation split
+    threshold: str = "youden"  # "youden", "sensitivity", "specificity" or "fixed" (see mil/thresholds.py)
+    threshold_target: float | None = None  # the sensitivity / specificity to reach, or the fixed threshold
 
 
 @dataclass

@@ -199,7 +199,9 @@ def run_predict(run_dir: str | Path, overrides: list[str]) -> Path:
         per_model[name] = task.predictions(outputs)
         logger.info("%s: predicted %d bags", name, len(cohort.bags))
     ensemble = {c: np.mean([p[c] for p in per_model.values()], axis=0) for c in task.prediction_names}
-    df = predictions_frame(cfg, task, cohort.bags, ensemble)
+    task.thresholds = run.task.thresholds
+    threshold = (task.thresholds or {}).get("ensemble")  # the run's, chosen on its validation splits
+    df = predictions_frame(cfg, task, cohort.bags, {**ensemble, **task.calls(ensemble, threshold)})
     if len(per_model) > 1:
         each = {f"{name}.{c}": values for name, p in per_model.items() for c, values in p.items()}
         df = pd.concat([df, pd.DataFrame(each, index=df.index)], axis=1)
@@ -209,6 +211,7 @@ def run_predict(run_dir: str | Path, overrides: list[str]) -> Path:
     with atomic_path(out / "predictions.csv") as tmp:
         df.to_csv(tmp, index=False)
     meta = {"kind": "predict", "run": str(run.path), **task.metadata(), "models": list(run.weights),
+            **({"thresholds": task.thresholds} if task.thresholds else {}),
             "bootstrap": {"n": cfg.cv.bootstrap, "seed": cfg.cv.seed}}
     write_text(out / "run.yaml", OmegaConf.to_yaml(OmegaConf.create(meta)))
     labelled = task.labelled(df)
