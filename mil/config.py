@@ -95,7 +95,7 @@ class TrainerConfig:
     devices: Any = 1  # int or "auto"
     strategy: str = "auto"  # "ddp" for several GPUs
     logger: str = "csv"  # "csv", "tensorboard", "mlflow" or "none"
-    enable_progress_bar: bool = True
+    enable_progress_bar: Any = "auto"  # true, false, or "auto": bars on a terminal, one log line per epoch otherwise
     deterministic: bool = True
 
 
@@ -153,7 +153,13 @@ class TaskConfig:
 
 @dataclass
 class LoaderConfig:
-    workers: int = 4
+    workers: int | None = None  # slide-reading loader workers; None: min(4, the cores this process may use)
+
+
+def default_workers(limit: int = 4) -> int:
+    """``min(limit, usable cores)``: more loader workers than cores only adds contention."""
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    return max(0, min(limit, cores))
 
 
 @dataclass
