@@ -67,14 +67,14 @@ def cmd_extract(args: argparse.Namespace) -> None:
 
 
 def cmd_predict(args: argparse.Namespace) -> None:
-    from mil.predict import run_predict
+    from mil.commands.predict import run_predict
 
     out = run_predict(args.run_dir, args.config)
     print(f"predictions written: {out}/predictions.csv")
 
 
 def cmd_heatmap(args: argparse.Namespace) -> None:
-    from mil.heatmap import run_heatmap
+    from mil.commands.heatmap import run_heatmap
 
     written = run_heatmap(args.run_dir, args.config, args.slide, top_k=args.top_k, out_dir=args.out,
                           target_class=args.target_class)
@@ -106,7 +106,7 @@ def cmd_report(args: argparse.Namespace) -> None:
 
 
 def cmd_demo(args: argparse.Namespace) -> None:
-    from mil.demo import run_demo, summary
+    from mil.commands.demo import run_demo, summary
 
     print(summary(run_demo(args.out, size=args.size, encoder=args.encoder, weights=args.weights)))
 

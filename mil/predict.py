@@ -151,42 +151,14 @@ def prediction_columns(run: Run, cfg: DictConfig) -> list[LabelColumn]:
     return [replace(c, classes=trained.classes) for c, trained in zip(named, run.task.columns, strict=True)]
 
 
-def extract_missing_bags(run: Run, cfg: DictConfig) -> None:
-    """Predicting from slides: embed the cohort's slides into ``cohort.features_dir`` with the
-    encoder, recipe and tiling recorded in the run; bags that already exist are kept."""
-    from encoders.extract import run_extract  # the command layer is where mil meets encoders
-
-    made = run.meta.get("extraction") or {}
-    if "encoder" not in made:
-        raise RunMismatchError(
-            f"{run.path} was trained on bags that do not record how they were made (not from `mil extract`); "
-            "extract the new cohort's bags with the same encoder, then predict from cohort.features_dir"
-        )
-    ecfg = cfg.copy()
-    ecfg.features_dir = cfg.cohort.features_dir
-    ecfg.encoder.name = made["encoder"]
-    ecfg.encoder.embedding = made.get("embedding")
-    ecfg.encoder.weights = cfg.encoder.weights or made.get("encoder_weights_source")
-    for key in ("tile_px", "mpp", "min_tissue", "thumbnail_px"):
-        if key in made:
-            ecfg.tiling[key] = made[key]
-    if not ecfg.slides.csv and not ecfg.slides.dir:
-        ecfg.slides.csv = cfg.cohort.slide_csv  # the slide table may carry a path column
-    logger.info("embedding the cohort's slides with %s (%s) as the run's bags were made", made["encoder"], made.get("embedding"))
-    run_extract(ecfg)
-
-
 def run_predict(run_dir: str | Path, overrides: list[str]) -> Path:
-    """Predict every bag of the configured cohort; write predictions (and metrics when labelled).
+    """Predict every bag of the configured cohort from its bags; write predictions (and metrics when labelled).
 
-    With ``slides.dir`` or ``slides.csv`` set for the new cohort, its slides are embedded first (see
-    :func:`extract_missing_bags`), so a new cohort can be predicted straight from its slides.
+    To predict straight from slides (embedding them first), use :func:`mil.commands.predict.run_predict`,
+    which is what `mil predict` calls.
     """
     run = load_run(run_dir)
     cfg = prediction_config(run, overrides)
-    slides = (cfg.slides.dir, cfg.slides.csv)
-    if any(slides) and slides != (run.config.slides.dir, run.config.slides.csv):  # set for this cohort
-        extract_missing_bags(run, cfg)
     out = Path(cfg.output_dir)
     columns = prediction_columns(run, cfg)
     task = task_class(cfg)(columns, cfg)

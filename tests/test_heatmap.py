@@ -16,9 +16,9 @@ from encoders.synthetic_slides import make_slide_cohort, write_slide
 from encoders.tiling import grid_coords
 from mil.attention import attention_models, ensemble_attention
 from mil.bags import read_bag_info, read_coords
+from mil.commands.heatmap import HeatmapError, run_heatmap, tile_size_level0
 from mil.config import ConfigError, load_config
 from mil.crossval import run_crossval, run_train
-from mil.heatmap import HeatmapError, run_heatmap, tile_size_level0
 from mil.heatmap_render import heat_raster, overlay_panel, percentile_scores
 from mil.models import MILOutput
 
