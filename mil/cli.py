@@ -76,8 +76,15 @@ def cmd_predict(args: argparse.Namespace) -> None:
 def cmd_heatmap(args: argparse.Namespace) -> None:
     from mil.commands.heatmap import run_heatmap
 
-    written = run_heatmap(args.run_dir, args.config, args.slide, top_k=args.top_k, out_dir=args.out,
-                          target_class=args.target_class)
+    slides = list(args.slide or [])
+    if args.slides:
+        from mil.commands.heatmap import read_slide_list
+
+        slides += read_slide_list(args.slides)
+    formats = [f.strip() for item in args.format or ["png"] for f in item.split(",") if f.strip()]
+    written = run_heatmap(args.run_dir, args.config, slides or None, top_k=args.top_k, out_dir=args.out,
+                          target_class=args.target_class, top=args.top, formats=formats, scale=args.scale,
+                          opacity=args.opacity)
     folders = sorted({str(p.parent) for p in written})
     print(f"heatmaps written: {len(written)} files in {', '.join(folders)}")
 
@@ -183,13 +190,23 @@ def build_parser() -> argparse.ArgumentParser:
             "given with cohort.* keys; with labels, metrics.json and ROC/PR plots are written too.")
     p.add_argument("run_dir", help="a finished `mil crossval` or `mil train` output folder")
     p.add_argument("config", nargs="+", help="YAML file(s) and key=value overrides for the new cohort, plus output_dir=...")
-    p = add("heatmap", cmd_heatmap, "attention heatmaps, top/bottom tiles and per-tile scores for slides",
-            "Per-tile attention of a trained run (averaged over fold models) drawn over each slide's thumbnail, "
-            "a grid of the top-k and bottom-k tiles, and <slide_id>_scores.csv (x, y, score). Without the slide file, "
-            "a scatter of the tiles. Writes to --out, else output_dir when overridden, else RUN_DIR/heatmaps.")
+    p = add("heatmap", cmd_heatmap, "attention heatmaps, top/bottom tiles, per-tile scores and QuPath GeoJSON",
+            "Per-tile attention of a trained run (averaged over fold models) drawn over each slide's thumbnail (shown "
+            "beside it, with a scale bar), a grid of the top-k and bottom-k tiles, and <slide_id>_scores.csv (x, y, "
+            "score); --format geojson adds <slide_id>_tiles.geojson (drag it onto the open slide in QuPath). Without "
+            "the slide file, a scatter of the tiles with axes in µm. Without --slide/--slides/--top: every slide of "
+            "the cohort. Writes to --out, else output_dir when overridden, else RUN_DIR/heatmaps.")
     p.add_argument("run_dir", help="a finished `mil crossval` or `mil train` output folder")
     p.add_argument("config", nargs="*", help="YAML file(s) and key=value overrides (e.g. cohort.*, slides.dir=...)")
-    p.add_argument("--slide", action="append", required=True, help="slide id (repeat for several slides)")
+    p.add_argument("--slide", action="append", help="slide id (repeat for several slides; default: every slide)")
+    p.add_argument("--slides", metavar="FILE", help="file of slide ids, one per line (or a CSV with a slide_id column)")
+    p.add_argument("--top", type=int, metavar="N",
+                   help="only the slides of the N most confidently positive and N most confidently negative bags")
+    p.add_argument("--format", action="append", metavar="FMT",
+                   help="png (default) and/or geojson; repeat or comma-separate (e.g. --format png,geojson)")
+    p.add_argument("--scale", default="slide", choices=["slide", "cohort"],
+                   help="colour by the attention percentile within each slide (default), or across all slides drawn")
+    p.add_argument("--opacity", type=float, default=0.5, help="opacity of the heat over the thumbnail (default 0.5)")
     p.add_argument("--top-k", type=int, default=8, help="tiles shown in the top and bottom rows (default 8)")
     p.add_argument("--out", help="output folder")
     p.add_argument("--class", dest="target_class", help="class map for per-class models (default: the predicted class)")
