@@ -14,10 +14,11 @@ most confidently positive and N most confidently negative bags.
 Which attention each model gives, per-class maps and patient-level bags: see :mod:`mil.attention`.
 
 Display (``scale``): ``slide``, each tile's percentile rank within its slide (see
-:func:`percentile_scores`); or ``cohort``, the percentile rank of each tile's relative attention
-(attention x tiles in its bag, 1 = uniform) among all tiles of the slides drawn together, so a
-slide whose attention is spread evenly (often a negative one) does not look as hot as one
-whose attention is concentrated.
+:func:`percentile_scores`); or ``cohort``, each tile's relative attention r = attention x tiles
+in its bag (1 = uniform) on a log scale shared by all slides drawn together:
+``clip(log r / log r99, 0, 1)`` with r99 the 99th percentile of r over those slides. A slide
+whose attention is spread evenly (often a negative one) then stays cold instead of showing
+its own top tiles as hot.
 """
 
 from __future__ import annotations
@@ -59,6 +60,7 @@ __all__ = ["HeatmapError", "SlideLocator", "run_heatmap", "write_geojson", "writ
 
 MAX_PX = 2048  # longest side of the heatmap panel
 FORMATS = ("png", "geojson")
+COHORT_QUANTILE = 0.99  # --scale cohort: this quantile of relative attention over the drawn slides is the top colour
 SCALES = ("slide", "cohort")
 
 
@@ -220,14 +222,17 @@ def displayed_scores(results: list[SlideAttention], scale: str) -> list[np.ndarr
         return [percentile_scores(sa.scores) for sa in results]
     if scale != "cohort":
         raise ConfigError(f"--scale must be one of {list(SCALES)}, got {scale!r}")
-    ranks = percentile_scores(np.concatenate([relative_attention(sa) for sa in results]))
-    return np.split(ranks, np.cumsum([len(sa.scores) for sa in results])[:-1])
+    relative = np.concatenate([relative_attention(sa) for sa in results])
+    top = float(np.quantile(relative, COHORT_QUANTILE)) if len(relative) else 1.0
+    log_r = np.log(np.clip(relative, 1e-12, None))
+    shown = np.clip(log_r / np.log(top), 0.0, 1.0) if top > 1.0 else np.zeros_like(relative)
+    return np.split(shown, np.cumsum([len(sa.scores) for sa in results])[:-1])
 
 
 def _scale_text(scale: str, n_slides: int) -> str:
     if scale == "cohort":
-        return (f"colour: scale cohort, percentile of the tile's relative attention (x tiles in the bag) among all "
-                f"tiles of the {n_slides} slides drawn together")
+        return (f"colour: scale cohort, log relative attention (attention x tiles in the bag): 0 = uniform or less, "
+                f"100 = the 99th percentile over all tiles of the {n_slides} slides drawn together")
     return "colour: scale slide, the tile's attention percentile within this slide (raw values in the scores CSV)"
 
 
@@ -343,7 +348,8 @@ def render(sa: SlideAttention, run: Run, cfg: DictConfig, locator: SlideLocator,
             slide.close()
         written.append(_save_png(grid, out / f"{sa.slide_id}_tiles.png"))
     text_px = text_px_for(panel)
-    bar_label = "attention percentile" + (" (cohort)" if scale_text and "scale cohort" in scale_text else " (slide)")
+    cohort = bool(scale_text and "scale cohort" in scale_text)
+    bar_label = "log relative attention (cohort scale)" if cohort else "attention percentile (within slide)"
     figure = with_header(panel, caption, colour_bar(panel.height, bar_label, text_px), text_px)
     return [_save_png(figure, out / f"{sa.slide_id}_heatmap.png"), *written]
 
