@@ -44,6 +44,7 @@ from mil.provenance import (
     write_record,
 )
 from mil.report import write_report
+from mil.slide_scores import pool_fold_slide_predictions, write_slide_predictions
 from mil.splits import Fold, SplitError, inner_split, load_splits, make_splits, save_splits
 from mil.tasks import Task, create_task, task_class, task_from_meta
 from mil.thresholds import record_in_run, validation_threshold
@@ -194,6 +195,7 @@ def run_fold(cfg: DictConfig, cohort: Cohort, fold: Fold, fold_dir: Path, seed: 
     df.insert(len(id_columns(cfg)), "fold", fold.name)
     if cfg.cv.repeats > 1:
         df.insert(len(id_columns(cfg)) + 1, "repeat", fold.repeat)
+    write_slide_predictions(cfg, task, test_bags, [model], fold_dir / "slide_predictions.csv", fold=fold.name)
     write_json(fold_dir / "summary.json", {**summary, "n_train": len(fold.train), "n_val": len(fold.val), "n_test": len(fold.test),
                                            "threshold": threshold})
     write_record(fold_dir, fold_record(cohort, fold))
@@ -332,6 +334,7 @@ def pool_results(cfg: DictConfig, out: Path, cohort: Cohort, task: Task, folds: 
         predictions = pd.concat([pd.read_csv(out / f.name / "predictions.csv", dtype=dtypes) for f in folds],
                                 ignore_index=True)
         record_in_run(out, cfg, task, fold_thresholds(out, folds))
+        pool_fold_slide_predictions(out, [f.name for f in folds])
         _write_csv(predictions, out / "predictions.csv")
         result = write_report(predictions, task.columns[0].name, cohort.classes, out, id_columns(cfg),
                               n_boot=cfg.cv.bootstrap, seed=cfg.cv.seed, task=task)

@@ -24,6 +24,7 @@ from mil.crossval import id_columns, is_main_process, load_run_model, prediction
 from mil.inference import predict_outputs, resolve_device
 from mil.io import atomic_path, write_text
 from mil.report import write_report
+from mil.slide_scores import write_slide_predictions
 from mil.tasks import Task, task_class, task_from_meta
 
 logger = logging.getLogger(__name__)
@@ -166,8 +167,9 @@ def run_predict(run_dir: str | Path, overrides: list[str]) -> Path:
     check_compatible(run, cohort)
     device = resolve_device(cfg.trainer.accelerator)
     per_model: dict[str, dict[str, np.ndarray]] = {}
-    for name, path in run.weights.items():
-        outputs = predict_outputs(load_run_model(run.path, path), cohort.bags, cfg.train.eval_batch_size, device, cfg.train.precision)
+    models = {name: load_run_model(run.path, path) for name, path in run.weights.items()}
+    for name, model in models.items():
+        outputs = predict_outputs(model, cohort.bags, cfg.train.eval_batch_size, device, cfg.train.precision)
         per_model[name] = task.predictions(outputs)
         logger.info("%s: predicted %d bags", name, len(cohort.bags))
     ensemble = {c: np.mean([p[c] for p in per_model.values()], axis=0) for c in task.prediction_names}
@@ -182,6 +184,7 @@ def run_predict(run_dir: str | Path, overrides: list[str]) -> Path:
     out.mkdir(parents=True, exist_ok=True)
     with atomic_path(out / "predictions.csv") as tmp:
         df.to_csv(tmp, index=False)
+    write_slide_predictions(cfg, task, cohort.bags, list(models.values()), out / "slide_predictions.csv")
     meta = {"kind": "predict", "run": str(run.path), **task.metadata(), "models": list(run.weights),
             **({"thresholds": task.thresholds} if task.thresholds else {}),
             "bootstrap": {"n": cfg.cv.bootstrap, "seed": cfg.cv.seed}}

@@ -116,3 +116,33 @@ def test_predict_reuses_the_runs_threshold(run, tmp_path, synthetic_cohort):
     assert (pred.pred_MSI.to_numpy() == np.where(pred["prob_MSI-H"] >= t, "MSI-H", "MSS")).all()
     assert OmegaConf.load(ext / "run.yaml").thresholds.ensemble == pytest.approx(t)
     assert f"fold ensemble {t:.3f}" in (ext / "summary.md").read_text()
+    per_slide = pd.read_csv(ext / "slide_predictions.csv")
+    assert len(per_slide) == len(pd.read_csv(c.slide_csv)) and "prob_MSI-H" in per_slide
+
+
+def test_patient_level_runs_write_per_slide_scores(run, synthetic_cohort):
+    """slide_predictions.csv: every slide through its fold's model; a one-slide patient's slide score is the patient's."""
+    out, _ = run
+    slides = pd.read_csv(synthetic_cohort.slide_csv, dtype=str)
+    per_slide = pd.read_csv(out / "slide_predictions.csv", dtype={"patient_id": str, "slide_id": str})
+    assert list(per_slide.columns) == ["patient_id", "slide_id", "fold", "MSI", "prob_MSS", "prob_MSI-H"]
+    assert sorted(per_slide.slide_id) == sorted(slides.slide_id)
+    patients = pd.read_csv(out / "predictions.csv", dtype={"patient_id": str}).set_index("patient_id")
+    counts = slides.patient_id.value_counts()
+    single = per_slide[per_slide.patient_id.map(counts) == 1]
+    multi = per_slide[per_slide.patient_id.map(counts) > 1]
+    assert len(single) and len(multi)
+    np.testing.assert_allclose(single["prob_MSI-H"], patients.loc[single.patient_id, "prob_MSI-H"], atol=1e-5)
+    assert (single.fold.to_numpy() == patients.loc[single.patient_id, "fold"].to_numpy()).all()
+    # A patient with several slides: each slide scored alone, by the fold model that predicted the patient.
+    row = multi.iloc[0]
+    model = load_run_model(out, out / row.fold / "model.safetensors")
+    from mil.cohort import load_cohort
+    from mil.slide_scores import slide_bags
+
+    bag = next(b for b in load_cohort(load_config([str(out / "config.yaml")]).cohort, columns=None).bags
+               if b.patient_id == row.patient_id)
+    one = next(b for b in slide_bags([bag]) if b.slide_ids == [row.slide_id])
+    logits = predict_outputs(model, [one], 1, "cpu")[0]
+    p = np.exp(logits - logits.max())
+    assert p[1] / p.sum() == pytest.approx(row["prob_MSI-H"], abs=1e-5)
