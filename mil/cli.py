@@ -163,8 +163,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = add("crossval", cmd_crossval, "cross-validate a cohort of bags",
             "Patient-level stratified k-fold cross-validation with an inner validation split for early stopping. "
-            "Writes splits.yaml, fold_<k>/ (model, predictions), predictions.csv, metrics.json, summary.md, roc.png, "
-            "pr.png. Rerunning into the same output_dir resumes. Folds can run as parallel jobs on one output_dir "
+            "Writes splits.yaml, fold_<k>/ (model, predictions, threshold in summary.json), predictions.csv (probabilities "
+            "and the call pred_<target>), slide_predictions.csv (patient-level bags), metrics.json, summary.md, roc.png, "
+            "pr.png, calibration.png, confusion.png. Rerunning into the same output_dir resumes. Folds can run as "
+            "parallel jobs on one output_dir "
             "(--fold, --launcher); the last to finish writes the pooled results.")
     p.add_argument("config", nargs="+", help=CONFIG_HELP)
     p.add_argument("--fold", type=int, action="append", metavar="K",
@@ -177,13 +179,15 @@ def build_parser() -> argparse.ArgumentParser:
         "Read a `mil crossval` output folder: per fold, finished (predictions written), running (a job holds its "
         "lock), failed (with the last line of its error), interrupted (started, no job holds it) or not started; "
         "and whether the pooled results are written.").add_argument("run_dir", help="a `mil crossval` output folder")
-    add("train", cmd_train, "train one model on the whole cohort (for deployment)",
-        "Train a single model on all patients; a stratified validation split (cv.val_fraction) picks the epoch.",
+    add("train", cmd_train, "train one model for deployment (a held-out validation split picks the epoch)",
+        "Train a single model on all patients except a stratified validation split (cv.val_fraction), which picks "
+        "the epoch and the decision threshold (task.threshold).",
         ).add_argument("config", nargs="+", help=CONFIG_HELP)
     p = add("extract", cmd_extract, "turn whole-slide images into HDF5 bags of tile embeddings",
             "Tissue detection, tiling at an exact mpp and tile embedding with a registered encoder (virchow2 by default). "
             "Finished bags are skipped, so a rerun resumes.")
-    p.add_argument("config", nargs="+", help=CONFIG_HELP)
+    p.add_argument("config", nargs="+", help="YAML config file(s) and key=value overrides, merged in order (e.g. "
+                   "configs/examples/extract_virchow2.yaml slides.dir=/data/slides features_dir=/data/virchow2)")
     p.add_argument("--shard", default="0/1", help="process shard i of n of the slides (e.g. 0/4); safe to run shards in parallel")
     p = add("predict", cmd_predict, "apply a trained run to a new cohort",
             "Predict with a `mil train` model or a `mil crossval` fold ensemble (mean of probabilities). The new cohort is "
