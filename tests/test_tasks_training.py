@@ -112,7 +112,7 @@ def test_outputs_per_task(run):
     task, cfg, out, _ = run
     pred = pd.read_csv(out / "predictions.csv")
     expected = {
-        "classification": ["patient_id", "fold", "grade", "prob_G1", "prob_G2", "prob_G3"],
+        "classification": ["patient_id", "fold", "grade", "prob_G1", "prob_G2", "prob_G3", "pred_grade"],
         "multi_target": ["patient_id", "fold", "MSI", "BRAF", "KRAS", "prob_MSI_MSS", "prob_MSI_MSI-H",
                          "prob_BRAF_wild-type", "prob_BRAF_mutant", "prob_KRAS_wild-type", "prob_KRAS_mutant"],
         "regression": ["patient_id", "fold", "TMB", "pred_TMB"],
