@@ -38,8 +38,9 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args()
 
+    from mil.commands.predict import extract_missing_bags
     from mil.config import load_config
-    from mil.predict import extract_missing_bags, load_run
+    from mil.predict import load_run
 
     slide = Path(args.slide).resolve()
     sid = slide.stem

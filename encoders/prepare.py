@@ -17,6 +17,7 @@ from encoders.qc import render_qc, save_qc
 from encoders.slides import SlideError, SlideRef, open_slide, read_thumbnail, resolve_mpp_xy
 from encoders.tiling import LEVEL_TOLERANCE, TilePlan, grid_coords, plan_tiles, tissue_fraction
 from encoders.tissue import detect_tissue
+from mil.config import default_workers
 
 logger = logging.getLogger(__name__)
 
@@ -39,7 +40,7 @@ class ExtractOptions:
             min_tissue=float(cfg.tiling.min_tissue),
             thumbnail_px=int(cfg.tiling.thumbnail_px),
             batch_size=int(cfg.encoder.batch_size),
-            workers=int(cfg.loader.workers),
+            workers=default_workers() if cfg.loader.workers is None else int(cfg.loader.workers),
             mpp_fallback=None if cfg.slides.mpp is None else float(cfg.slides.mpp),
         )
 

@@ -55,6 +55,7 @@ class SlideAttention:
     attrs: dict
     class_name: str | None  # the class whose attention map was used (None: a single map)
     probs: dict[str, float]  # the ensemble's probabilities for the bag (empty when unavailable)
+    bag_tiles: int = 0  # tiles in the whole bag (all the patient's slides for patient-level bags)
 
 
 def attention_models() -> list[str]:
@@ -180,7 +181,7 @@ def slide_attention(run: Run, cfg: DictConfig, slide_ids: list[str], target_clas
                         attrs["tile_size_level0"] = geometry.tile_size_level0
                 results.append(SlideAttention(
                     sid, bag, path, geometry.coords, att[start:start + n], attrs,
-                    None if used is None or len(classes) < 2 else classes[used], prob_dict))
+                    None if used is None or len(classes) < 2 else classes[used], prob_dict, len(x)))
             start += n
     order = {s: i for i, s in enumerate(slide_ids)}
     return sorted(results, key=lambda r: order[r.slide_id])

@@ -67,17 +67,24 @@ def cmd_extract(args: argparse.Namespace) -> None:
 
 
 def cmd_predict(args: argparse.Namespace) -> None:
-    from mil.predict import run_predict
+    from mil.commands.predict import run_predict
 
     out = run_predict(args.run_dir, args.config)
     print(f"predictions written: {out}/predictions.csv")
 
 
 def cmd_heatmap(args: argparse.Namespace) -> None:
-    from mil.heatmap import run_heatmap
+    from mil.commands.heatmap import run_heatmap
 
-    written = run_heatmap(args.run_dir, args.config, args.slide, top_k=args.top_k, out_dir=args.out,
-                          target_class=args.target_class)
+    slides = list(args.slide or [])
+    if args.slides:
+        from mil.commands.heatmap import read_slide_list
+
+        slides += read_slide_list(args.slides)
+    formats = [f.strip() for item in args.format or ["png"] for f in item.split(",") if f.strip()]
+    written = run_heatmap(args.run_dir, args.config, slides or None, top_k=args.top_k, out_dir=args.out,
+                          target_class=args.target_class, top=args.top, formats=formats, scale=args.scale,
+                          opacity=args.opacity)
     folders = sorted({str(p.parent) for p in written})
     print(f"heatmaps written: {len(written)} files in {', '.join(folders)}")
 
@@ -106,7 +113,7 @@ def cmd_report(args: argparse.Namespace) -> None:
 
 
 def cmd_demo(args: argparse.Namespace) -> None:
-    from mil.demo import run_demo, summary
+    from mil.commands.demo import run_demo, summary
 
     print(summary(run_demo(args.out, size=args.size, encoder=args.encoder, weights=args.weights)))
 
@@ -173,8 +180,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = add("crossval", cmd_crossval, "cross-validate a cohort of bags",
             "Patient-level stratified k-fold cross-validation with an inner validation split for early stopping. "
-            "Writes splits.yaml, fold_<k>/ (model, predictions), predictions.csv, metrics.json, summary.md, roc.png, "
-            "pr.png. Rerunning into the same output_dir resumes. Folds can run as parallel jobs on one output_dir "
+            "Writes splits.yaml, fold_<k>/ (model, predictions, threshold in summary.json), predictions.csv (probabilities "
+            "and the call pred_<target>), slide_predictions.csv (patient-level bags), metrics.json, summary.md, roc.png, "
+            "pr.png, calibration.png, confusion.png. Rerunning into the same output_dir resumes. Folds can run as "
+            "parallel jobs on one output_dir "
             "(--fold, --launcher); the last to finish writes the pooled results.")
     p.add_argument("config", nargs="+", help=CONFIG_HELP)
     p.add_argument("--fold", type=int, action="append", metavar="K",
@@ -187,26 +196,38 @@ def build_parser() -> argparse.ArgumentParser:
         "Read a `mil crossval` output folder: per fold, finished (predictions written), running (a job holds its "
         "lock), failed (with the last line of its error), interrupted (started, no job holds it) or not started; "
         "and whether the pooled results are written.").add_argument("run_dir", help="a `mil crossval` output folder")
-    add("train", cmd_train, "train one model on the whole cohort (for deployment)",
-        "Train a single model on all patients; a stratified validation split (cv.val_fraction) picks the epoch.",
+    add("train", cmd_train, "train one model for deployment (a held-out validation split picks the epoch)",
+        "Train a single model on all patients except a stratified validation split (cv.val_fraction), which picks "
+        "the epoch and the decision threshold (task.threshold).",
         ).add_argument("config", nargs="+", help=CONFIG_HELP)
     p = add("extract", cmd_extract, "turn whole-slide images into HDF5 bags of tile embeddings",
             "Tissue detection, tiling at an exact mpp and tile embedding with a registered encoder (virchow2 by default). "
             "Finished bags are skipped, so a rerun resumes.")
-    p.add_argument("config", nargs="+", help=CONFIG_HELP)
+    p.add_argument("config", nargs="+", help="YAML config file(s) and key=value overrides, merged in order (e.g. "
+                   "configs/examples/extract_virchow2.yaml slides.dir=/data/slides features_dir=/data/virchow2)")
     p.add_argument("--shard", default="0/1", help="process shard i of n of the slides (e.g. 0/4); safe to run shards in parallel")
     p = add("predict", cmd_predict, "apply a trained run to a new cohort",
             "Predict with a `mil train` model or a `mil crossval` fold ensemble (mean of probabilities). The new cohort is "
             "given with cohort.* keys; with labels, metrics.json and ROC/PR plots are written too.")
     p.add_argument("run_dir", help="a finished `mil crossval` or `mil train` output folder")
     p.add_argument("config", nargs="+", help="YAML file(s) and key=value overrides for the new cohort, plus output_dir=...")
-    p = add("heatmap", cmd_heatmap, "attention heatmaps, top/bottom tiles and per-tile scores for slides",
-            "Per-tile attention of a trained run (averaged over fold models) drawn over each slide's thumbnail, "
-            "a grid of the top-k and bottom-k tiles, and <slide_id>_scores.csv (x, y, score). Without the slide file, "
-            "a scatter of the tiles. Writes to --out, else output_dir when overridden, else RUN_DIR/heatmaps.")
+    p = add("heatmap", cmd_heatmap, "attention heatmaps, top/bottom tiles, per-tile scores and QuPath GeoJSON",
+            "Per-tile attention of a trained run (averaged over fold models) drawn over each slide's thumbnail (shown "
+            "beside it, with a scale bar), a grid of the top-k and bottom-k tiles, and <slide_id>_scores.csv (x, y, "
+            "score); --format geojson adds <slide_id>_tiles.geojson (drag it onto the open slide in QuPath). Without "
+            "the slide file, a scatter of the tiles with axes in µm. Without --slide/--slides/--top: every slide of "
+            "the cohort. Writes to --out, else output_dir when overridden, else RUN_DIR/heatmaps.")
     p.add_argument("run_dir", help="a finished `mil crossval` or `mil train` output folder")
     p.add_argument("config", nargs="*", help="YAML file(s) and key=value overrides (e.g. cohort.*, slides.dir=...)")
-    p.add_argument("--slide", action="append", required=True, help="slide id (repeat for several slides)")
+    p.add_argument("--slide", action="append", help="slide id (repeat for several slides; default: every slide)")
+    p.add_argument("--slides", metavar="FILE", help="file of slide ids, one per line (or a CSV with a slide_id column)")
+    p.add_argument("--top", type=int, metavar="N",
+                   help="only the slides of the N most confidently positive and N most confidently negative bags")
+    p.add_argument("--format", action="append", metavar="FMT",
+                   help="png (default) and/or geojson; repeat or comma-separate (e.g. --format png,geojson)")
+    p.add_argument("--scale", default="slide", choices=["slide", "cohort"],
+                   help="colour by the attention percentile within each slide (default), or across all slides drawn")
+    p.add_argument("--opacity", type=float, default=0.5, help="opacity of the heat over the thumbnail (default 0.5)")
     p.add_argument("--top-k", type=int, default=8, help="tiles shown in the top and bottom rows (default 8)")
     p.add_argument("--out", help="output folder")
     p.add_argument("--class", dest="target_class", help="class map for per-class models (default: the predicted class)")

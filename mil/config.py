@@ -96,7 +96,7 @@ class TrainerConfig:
     devices: Any = 1  # int or "auto"
     strategy: str = "auto"  # "ddp" for several GPUs
     logger: str = "csv"  # "csv", "tensorboard", "mlflow" or "none"
-    enable_progress_bar: bool = True
+    enable_progress_bar: Any = "auto"  # true, false, or "auto": bars on a terminal, one log line per epoch otherwise
     deterministic: bool = True
 
 
@@ -147,11 +147,20 @@ class TaskConfig:
     event: str | None = None  # survival: event column (1 = event, 0 = censored)
     loss: str | None = None  # None: the task's default; regression: "mse" (default) or "huber"
     huber_delta: float = 1.0  # regression: Huber threshold, in standard deviations of the training targets
+    # binary classification: how the call's threshold on P(positive) is chosen on the validation split
+    threshold: str = "youden"  # "youden", "sensitivity", "specificity" or "fixed" (see mil/thresholds.py)
+    threshold_target: float | None = None  # the sensitivity / specificity to reach, or the fixed threshold
 
 
 @dataclass
 class LoaderConfig:
-    workers: int = 4
+    workers: int | None = None  # slide-reading loader workers; None: min(4, the cores this process may use)
+
+
+def default_workers(limit: int = 4) -> int:
+    """``min(limit, usable cores)``: more loader workers than cores only adds contention."""
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    return max(0, min(limit, cores))
 
 
 @dataclass

@@ -44,9 +44,11 @@ from mil.provenance import (
     write_record,
 )
 from mil.report import write_report
+from mil.slide_scores import pool_fold_slide_predictions, write_slide_predictions
 from mil.splits import Fold, SplitError, inner_split, load_splits, make_splits, save_splits
 from mil.tables import ONLY_EMPTY_IS_MISSING
 from mil.tasks import Task, create_task, task_class, task_from_meta
+from mil.thresholds import record_in_run, validation_threshold
 from mil.training import fit
 
 logger = logging.getLogger(__name__)
@@ -184,15 +186,19 @@ def run_fold(cfg: DictConfig, cohort: Cohort, fold: Fold, fold_dir: Path, seed: 
     if not is_main_process():
         return None
     save_weights(model, fold_dir / "model.safetensors")
+    threshold = validation_threshold(task, model, cohort.subset(set(fold.val)), cfg)  # before the test fold is read
     test_bags = cohort.subset(set(fold.test))
     outputs = predict_outputs(
         model, test_bags, cfg.train.eval_batch_size, resolve_device(cfg.trainer.accelerator), cfg.train.precision
     )
-    df = predictions_frame(cfg, task, test_bags, task.predictions(outputs))
+    columns = task.predictions(outputs)
+    df = predictions_frame(cfg, task, test_bags, {**columns, **task.calls(columns, threshold)})
     df.insert(len(id_columns(cfg)), "fold", fold.name)
     if cfg.cv.repeats > 1:
         df.insert(len(id_columns(cfg)) + 1, "repeat", fold.repeat)
-    write_json(fold_dir / "summary.json", {**summary, "n_train": len(fold.train), "n_val": len(fold.val), "n_test": len(fold.test)})
+    write_slide_predictions(cfg, task, test_bags, [model], fold_dir / "slide_predictions.csv", fold=fold.name)
+    write_json(fold_dir / "summary.json", {**summary, "n_train": len(fold.train), "n_val": len(fold.val), "n_test": len(fold.test),
+                                           "threshold": threshold})
     write_record(fold_dir, fold_record(cohort, fold))
     _write_csv(df, fold_dir / "predictions.csv")  # last: marks the fold finished
     return df
@@ -212,6 +218,15 @@ def _splits(cfg: DictConfig, cohort: Cohort, task: Task, out: Path) -> list[Fold
     if is_main_process():
         save_splits(folds, saved)
     return folds
+
+
+def fold_thresholds(out: Path, folds: list[Fold]) -> dict[str, float | None]:
+    """Each fold's threshold, from its ``summary.json`` (None for folds from before thresholds)."""
+    found = {}
+    for fold in folds:
+        path = out / fold.name / "summary.json"
+        found[fold.name] = json.loads(path.read_text()).get("threshold") if path.is_file() else None
+    return found
 
 
 def check_covers_cohort(folds: list[Fold], cohort: Cohort, source: str) -> None:
@@ -319,6 +334,8 @@ def pool_results(cfg: DictConfig, out: Path, cohort: Cohort, task: Task, folds: 
         dtypes = {**{c: str for c in id_columns(cfg)}, **task.csv_dtypes()}
         predictions = pd.concat([pd.read_csv(out / f.name / "predictions.csv", dtype=dtypes, **ONLY_EMPTY_IS_MISSING) for f in folds],
                                 ignore_index=True)
+        record_in_run(out, cfg, task, fold_thresholds(out, folds))
+        pool_fold_slide_predictions(out, [f.name for f in folds])
         _write_csv(predictions, out / "predictions.csv")
         result = write_report(predictions, task.columns[0].name, cohort.classes, out, id_columns(cfg),
                               n_boot=cfg.cv.bootstrap, seed=cfg.cv.seed, task=task)
@@ -369,7 +386,9 @@ def run_train(cfg: DictConfig) -> Path:
         save_splits([Fold("final", 0, 0, train, val, [])], out / "splits.yaml")
     model, summary = _train_one(cfg, cohort, task, train, val, out, cfg.train.seed, "the final model")
     if is_main_process():
-        write_json(out / "summary.json", {**summary, "n_train": len(train), "n_val": len(val)})
+        threshold = validation_threshold(task, model, cohort.subset(set(val)), cfg)
+        record_in_run(out, cfg, task, {"model": threshold})
+        write_json(out / "summary.json", {**summary, "n_train": len(train), "n_val": len(val), "threshold": threshold})
         write_record(out, record)
         save_weights(model, weights)  # last: marks the run finished
     return out

@@ -105,17 +105,21 @@ def outline(mask: np.ndarray, width: int = 1) -> np.ndarray:
     return mask & ~ndimage.binary_erosion(mask, iterations=width, border_value=0)
 
 
-def overlay_panel(thumbnail: Image.Image, raster: np.ndarray, tissue: np.ndarray | None = None) -> Image.Image:
-    """The thumbnail with the colour-mapped raster blended over covered pixels and the tissue outline on top.
+def overlay_panel(thumbnail: Image.Image, raster: np.ndarray, tissue: np.ndarray | None = None,
+                  alpha: float = ALPHA) -> Image.Image:
+    """The thumbnail with the colour-mapped raster blended over covered pixels (opacity ``alpha``)
+    and the tissue outline on top.
 
     The panel has exactly the thumbnail's size: raster pixel (i, j) is thumbnail pixel (i, j).
     """
+    if not 0.0 <= alpha <= 1.0:
+        raise ValueError(f"overlay opacity must lie in [0, 1], got {alpha}")
     base = np.asarray(thumbnail.convert("RGB"), np.float32)
     if raster.shape != base.shape[:2]:
         raise ValueError(f"raster {raster.shape} does not match the thumbnail {base.shape[:2]}")
     covered = ~np.isnan(raster)
     colour = colourise(raster).astype(np.float32)
-    out = np.where(covered[..., None], (1 - ALPHA) * base + ALPHA * colour, base)
+    out = np.where(covered[..., None], (1 - alpha) * base + alpha * colour, base)
     if tissue is not None:
         if tissue.shape != raster.shape:
             tissue = np.asarray(Image.fromarray(tissue.astype(np.uint8) * 255).resize(
@@ -205,3 +209,62 @@ def tile_grid(rows: Sequence[tuple[str, Sequence[Image.Image], Sequence[str]]]) 
                 draw.text((x, y + side + 2 + 13 * j), part, fill=(0, 0, 0), font=f)
         y += side + cap_h
     return canvas
+
+
+def nice_length(target: float) -> float:
+    """The 1, 2 or 5 x 10^k value at or below ``target`` (> 0): a round scale-bar length."""
+    power = 10.0 ** np.floor(np.log10(target))
+    return float(max(m * power for m in (1, 2, 5) if m * power <= target))
+
+
+def _um_label(um: float) -> str:
+    return f"{um / 1000:g} mm" if um >= 1000 else f"{um:g} µm"
+
+
+def scale_bar(panel: Image.Image, um_per_px: float, text_px: int = TEXT_PX) -> Image.Image:
+    """``panel`` with a scale bar (about a fifth of its width, a round number of µm) at the bottom left."""
+    out = panel.convert("RGB").copy()
+    length_um = nice_length(um_per_px * out.width / 5)
+    length = max(1, round(length_um / um_per_px))
+    draw = ImageDraw.Draw(out)
+    pad, thick = max(4, text_px // 2), max(3, text_px // 3)
+    x0, y1 = pad, out.height - pad
+    label = _um_label(length_um)
+    f = font(text_px)
+    box = draw.textbbox((0, 0), label, font=f)
+    draw.rectangle((x0 - 3, y1 - thick - (box[3] - box[1]) - 9, x0 + max(length, box[2]) + 3, y1 + 3), fill="white")
+    draw.rectangle((x0, y1 - thick, x0 + length, y1), fill=(0, 0, 0))
+    draw.text((x0, y1 - thick - 3), label, fill=(0, 0, 0), font=f, anchor="ld")
+    return out
+
+
+def micron_axes(panel: Image.Image, um_per_px: float, text_px: int = TEXT_PX) -> Image.Image:
+    """``panel`` framed by x and y axes with ticks in µm (level-0 position times the slide's mpp)."""
+    f = font(text_px)
+    margin_left, margin_bottom = 5 * text_px, 2 * text_px + 4
+    out = Image.new("RGB", (panel.width + margin_left + text_px, panel.height + margin_bottom + text_px // 2), "white")
+    out.paste(panel.convert("RGB"), (margin_left, text_px // 2))
+    draw = ImageDraw.Draw(out)
+    x0, y0 = margin_left, text_px // 2
+    draw.rectangle((x0 - 1, y0 - 1, x0 + panel.width, y0 + panel.height), outline=(0, 0, 0))
+    step = nice_length(um_per_px * max(panel.size) / 5)
+    for axis, extent in (("x", panel.width), ("y", panel.height)):
+        um = 0.0
+        while um / um_per_px <= extent:
+            px = round(um / um_per_px)
+            if axis == "x":
+                draw.line((x0 + px, y0 + panel.height, x0 + px, y0 + panel.height + 4), fill=(0, 0, 0))
+                draw.text((x0 + px, y0 + panel.height + 5), _um_label(um), fill=(0, 0, 0), font=f, anchor="mt")
+            else:
+                draw.line((x0 - 5, y0 + px, x0 - 1, y0 + px), fill=(0, 0, 0))
+                draw.text((x0 - 7, y0 + px), _um_label(um), fill=(0, 0, 0), font=f, anchor="rm")
+            um += step
+    return out
+
+
+def side_by_side(left: Image.Image, right: Image.Image, gap: int = TEXT_PX) -> Image.Image:
+    """Two panels next to each other on white, tops aligned (e.g. the H&E thumbnail and its overlay)."""
+    out = Image.new("RGB", (left.width + gap + right.width, max(left.height, right.height)), "white")
+    out.paste(left.convert("RGB"), (0, 0))
+    out.paste(right.convert("RGB"), (left.width + gap, 0))
+    return out

@@ -16,9 +16,14 @@ from scipy import stats
 from sklearn.metrics import average_precision_score, roc_auc_score
 
 CLASSIFICATION_METRICS = ("auroc", "ap", "balanced_accuracy", "accuracy", "f1")
+BINARY_CALL_METRICS = ("sensitivity", "specificity")  # of the positive (last) class, from the calls
 REGRESSION_METRICS = ("pearson", "spearman", "mae", "r2")
 SURVIVAL_METRICS = ("c_index",)
-COUNTS = ("n", "n_events")  # reported as they are: no interval, no mean across folds
+COUNTS = ("n", "n_events")  # reported as they are (integers): no interval, no mean across folds
+# Where a metric's values lie: bootstrap interval ends are clipped to it.
+RANGES = {"auroc": (0.0, 1.0), "ap": (0.0, 1.0), "balanced_accuracy": (0.0, 1.0), "accuracy": (0.0, 1.0),
+          "f1": (0.0, 1.0), "sensitivity": (0.0, 1.0), "specificity": (0.0, 1.0), "c_index": (0.0, 1.0),
+          "pearson": (-1.0, 1.0), "spearman": (-1.0, 1.0), "mae": (0.0, math.inf), "r2": (-math.inf, 1.0)}
 
 
 def confusion_scores(y: np.ndarray, pred: np.ndarray, n_classes: int) -> dict[str, float]:
@@ -40,17 +45,26 @@ def confusion_scores(y: np.ndarray, pred: np.ndarray, n_classes: int) -> dict[st
     }
 
 
-def classification_metrics(y: np.ndarray, probs: np.ndarray, classes: Sequence[str] | None = None) -> dict[str, float]:
-    """AUROC, average precision, balanced accuracy, accuracy and F1.
+def classification_metrics(
+    y: np.ndarray, probs: np.ndarray, calls: np.ndarray | None = None, classes: Sequence[str] | None = None
+) -> dict[str, float]:
+    """AUROC, average precision, balanced accuracy, accuracy and F1 (+ sensitivity, specificity if binary).
 
-    Binary (two columns): scores of the last (positive) class. Multi-class: macro averages,
-    one-vs-rest AUROC, plus ``auroc_<class>`` per class when ``classes`` names them.
-    Metrics undefined for the data (one class present) are NaN.
+    ``y`` [n] class indices, ``probs`` [n, C]; ``calls`` [n] the called class indices (e.g. a
+    binary threshold from :mod:`mil.thresholds`), default the argmax. AUROC and AP use the
+    probabilities; the other metrics use the calls. Binary (two columns): scores of the last
+    (positive) class. Multi-class: macro averages, one-vs-rest AUROC, plus ``auroc_<class>``
+    per class when ``classes`` names them. Metrics undefined for the data (one class present) are NaN.
     """
     y = np.asarray(y).astype(int)
     probs = np.asarray(probs, dtype=np.float64)
     n_classes = probs.shape[1]
-    out = {"n": float(len(y)), **confusion_scores(y, probs.argmax(axis=1), n_classes)}
+    calls = probs.argmax(axis=1) if calls is None else np.asarray(calls).astype(int)
+    out = {"n": len(y), **confusion_scores(y, calls, n_classes)}
+    if n_classes == 2:
+        pos, neg = y == 1, y == 0
+        out["sensitivity"] = float((calls[pos] == 1).mean()) if pos.any() else math.nan
+        out["specificity"] = float((calls[neg] == 0).mean()) if neg.any() else math.nan
     per_class = {}
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
@@ -68,7 +82,8 @@ def classification_metrics(y: np.ndarray, probs: np.ndarray, classes: Sequence[s
             for i, c in enumerate(classes):
                 hit = y == i
                 per_class[f"auroc_{c}"] = float(roc_auc_score(hit, probs[:, i])) if 0 < hit.sum() < len(y) else math.nan
-    return {**{k: out[k] for k in CLASSIFICATION_METRICS}, **per_class, "n": out["n"]}
+    binary = {k: out[k] for k in BINARY_CALL_METRICS if k in out}
+    return {**{k: out[k] for k in CLASSIFICATION_METRICS}, **binary, **per_class, "n": out["n"]}
 
 
 def regression_metrics(y: np.ndarray, pred: np.ndarray) -> dict[str, float]:
@@ -80,7 +95,7 @@ def regression_metrics(y: np.ndarray, pred: np.ndarray) -> dict[str, float]:
     if len(y) > 2 and np.ptp(y) > 0 and np.ptp(pred) > 0:
         out["pearson"] = float(stats.pearsonr(y, pred).statistic)
         out["spearman"] = float(stats.spearmanr(y, pred).statistic)
-    return {**out, "n": float(len(y))}
+    return {**out, "n": len(y)}
 
 
 def concordance_index(risk: np.ndarray, time: np.ndarray, event: np.ndarray, chunk: int = 512) -> float:
@@ -106,8 +121,8 @@ def survival_metrics(risk: np.ndarray, time: np.ndarray, event: np.ndarray) -> d
     """Concordance index of the risk scores, with the number of bags and of events."""
     return {
         "c_index": concordance_index(risk, time, event),
-        "n": float(len(risk)),
-        "n_events": float(np.asarray(event).sum()),
+        "n": len(risk),
+        "n_events": int(np.asarray(event).sum()),
     }
 
 
@@ -169,13 +184,22 @@ def with_intervals(
     seed: int = 0,
     groups: np.ndarray | None = None,
 ) -> dict[str, dict[str, float]]:
-    """``{metric: {"value", "ci_low", "ci_high"}}`` for the pooled arrays (``groups``: see :func:`bootstrap_ci`)."""
+    """``{metric: {"value", "ci_low", "ci_high"}}`` for the pooled arrays (``groups``: see :func:`bootstrap_ci`);
+    interval ends within :data:`RANGES`."""
     point = metric_fn(*arrays)
     ci = bootstrap_ci(metric_fn, *arrays, n_boot=n_boot, seed=seed, groups=groups)
-    return {
-        k: {"value": v, "ci_low": ci[k][0], "ci_high": ci[k][1]} if k not in COUNTS else {"value": v}
-        for k, v in point.items()
-    }
+    out = {}
+    for k, v in point.items():
+        if k in COUNTS:
+            out[k] = {"value": int(v)}
+            continue
+        lo, hi = RANGES.get(k.split("_", 1)[0] if k.startswith("auroc_") else k, (-math.inf, math.inf))
+        out[k] = {"value": v, "ci_low": _clip(ci[k][0], lo, hi), "ci_high": _clip(ci[k][1], lo, hi)}
+    return out
+
+
+def _clip(x: float, lo: float, hi: float) -> float:
+    return x if math.isnan(x) else float(min(max(x, lo), hi))
 
 
 def mean_std(per_fold: list[dict[str, float]]) -> dict[str, dict[str, float]]:

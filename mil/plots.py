@@ -33,36 +33,55 @@ def _save(fig: plt.Figure, path: Path) -> None:
     plt.close(fig)
 
 
+def _interval(metrics: dict | None, name: str) -> str:
+    m = (metrics or {}).get(name)
+    if not m or "ci_low" not in m:
+        return ""
+    return f" [95% CI {m['ci_low']:.3f}, {m['ci_high']:.3f}]"
+
+
 def plot_curves(
-    predictions: pd.DataFrame, target: str, classes: list[str], out_dir: str | Path, title: str = ""
+    predictions: pd.DataFrame,
+    target: str,
+    classes: list[str],
+    out_dir: str | Path,
+    title: str = "",
+    pooled_metrics: dict | None = None,
+    n_patients: int | None = None,
+    curve_label: str = "pooled",
 ) -> list[Path]:
-    """Write ``roc.png`` and ``pr.png``: one thin curve per fold and a bold pooled curve.
+    """Write ``roc.png`` and ``pr.png``: one thin curve per fold and a bold ``curve_label`` curve.
 
     Binary tasks use the last class as positive; multi-class tasks draw one pooled
-    one-vs-rest curve per class.
+    one-vs-rest curve per class. The title names the positive class and the numbers of bags
+    (and patients); the legend gives the bootstrap 95% interval from ``pooled_metrics``
+    (``metrics.json``'s ``pooled`` entry) when passed.
     """
     out_dir = Path(out_dir)
     y_all = predictions[target].map({c: i for i, c in enumerate(classes)}).to_numpy()
+    counts = f"{len(predictions)} bags" + (f", {n_patients} patients" if n_patients is not None else "")
     written = []
-    for kind, xlabel, ylabel, name in (
-        ("roc", "False positive rate", "True positive rate", "AUROC"),
-        ("pr", "Recall", "Precision", "AP"),
+    for kind, xlabel, ylabel, name, key in (
+        ("roc", "False positive rate (1 - specificity)", "True positive rate (sensitivity)", "AUROC", "auroc"),
+        ("pr", "Recall (sensitivity)", "Precision (PPV)", "AP", "ap"),
     ):
-        fig, ax = plt.subplots(figsize=(5, 5))
+        fig, ax = plt.subplots(figsize=(5.5, 5.5))
         if len(classes) == 2:
             positive = classes[-1]
+            heading = f"{target}: {positive} (positive) vs {classes[0]}; {counts}"
             groups = predictions.groupby("fold", sort=True) if "fold" in predictions else []
             for fold, df in groups:
                 y = (df[target] == positive).to_numpy()
                 if 0 < y.sum() < len(y):
                     x, yy, value = _curves(y, df[f"prob_{positive}"].to_numpy(), kind)
-                    ax.plot(x, yy, lw=0.8, alpha=0.45, label=f"{fold} ({name} {value:.3f})")
+                    ax.plot(x, yy, lw=1.0, alpha=0.6, label=f"{fold} ({name} {value:.3f})")
             y = y_all == 1
             x, yy, value = _curves(y, predictions[f"prob_{positive}"].to_numpy(), kind)
-            ax.plot(x, yy, lw=2.2, color="black", label=f"pooled ({name} {value:.3f})")
+            ax.plot(x, yy, lw=2.2, color="black", label=f"{curve_label} ({name} {value:.3f}{_interval(pooled_metrics, key)})")
             if kind == "pr":
                 ax.axhline(y.mean(), ls=":", color="grey", lw=1, label=f"prevalence {y.mean():.2f}")
         else:
+            heading = f"{target}: one-vs-rest per class; {counts}"
             for i, c in enumerate(classes):
                 y = y_all == i
                 if 0 < y.sum() < len(y):
@@ -70,7 +89,8 @@ def plot_curves(
                     ax.plot(x, yy, lw=1.8, label=f"{c} vs rest ({name} {value:.3f})")
         if kind == "roc":
             ax.plot([0, 1], [0, 1], ls="--", color="grey", lw=1)
-        ax.set(xlabel=xlabel, ylabel=ylabel, xlim=(0, 1), ylim=(0, 1.02), title=title or target)
+        ax.set(xlabel=xlabel, ylabel=ylabel, xlim=(0, 1), ylim=(0, 1.02))
+        ax.set_title(title or heading, fontsize=9)
         ax.legend(loc="lower right" if kind == "roc" else "lower left", fontsize=7)
         path = out_dir / f"{kind}.png"
         _save(fig, path)
@@ -81,24 +101,32 @@ def plot_curves(
 def plot_calibration(
     predictions: pd.DataFrame, target: str, classes: list[str], out_dir: str | Path, n_bins: int = 10
 ) -> Path | None:
-    """Reliability diagram of the positive class (binary tasks only)."""
+    """Reliability diagram of the positive class (binary tasks only), with the bags per bin below it."""
     if len(classes) != 2:
         return None
     y = (predictions[target] == classes[-1]).to_numpy()
     p = predictions[f"prob_{classes[-1]}"].to_numpy()
     frac, mean_pred = calibration_curve(y, p, n_bins=n_bins, strategy="quantile")
-    fig, ax = plt.subplots(figsize=(5, 5))
+    fig, (ax, hist) = plt.subplots(2, 1, figsize=(5, 6.2), sharex=True, gridspec_kw={"height_ratios": [4, 1.3]})
     ax.plot([0, 1], [0, 1], ls="--", color="grey", lw=1, label="perfect calibration")
-    ax.plot(mean_pred, frac, marker="o", color="black", label="model")
-    ax.set(xlabel=f"Predicted P({classes[-1]})", ylabel="Observed fraction", xlim=(0, 1), ylim=(0, 1), title="Calibration")
+    ax.plot(mean_pred, frac, marker="o", color="black", label=f"model (quantile bins of {len(p)} bags)")
+    ax.set(ylabel="Observed fraction", xlim=(0, 1), ylim=(0, 1), title=f"Calibration: P({classes[-1]})")
     ax.legend(loc="upper left", fontsize=8)
+    edges = np.linspace(0, 1, n_bins + 1)
+    hist.hist([p[~y], p[y]], bins=edges, stacked=True, color=["tab:blue", "tab:red"],
+              label=[f"true {classes[0]}", f"true {classes[-1]}"])
+    hist.set(xlabel=f"Predicted P({classes[-1]})", ylabel="bags")
+    hist.legend(loc="upper center", fontsize=7, ncol=2)
     path = Path(out_dir) / "calibration.png"
     _save(fig, path)
     return path
 
 
-def plot_confusion(y: np.ndarray, pred: np.ndarray, classes: list[str], path: str | Path, title: str = "") -> Path:
-    """Confusion matrix: counts in the cells, colour = fraction of the true class (row)."""
+def plot_confusion(
+    y: np.ndarray, pred: np.ndarray, classes: list[str], path: str | Path, title: str = "", subtitle: str = ""
+) -> Path:
+    """Confusion matrix: counts in the cells, colour = fraction of the true class (row); ``subtitle``
+    states the decision rule (e.g. the threshold)."""
     n = len(classes)
     counts = np.zeros((n, n), dtype=int)
     np.add.at(counts, (np.asarray(y, dtype=int), np.asarray(pred, dtype=int)), 1)
@@ -109,7 +137,11 @@ def plot_confusion(y: np.ndarray, pred: np.ndarray, classes: list[str], path: st
         for j in range(n):
             ax.text(j, i, f"{counts[i, j]}\n{rows[i, j]:.0%}", ha="center", va="center", fontsize=8,
                     color="white" if rows[i, j] > 0.6 else "black")
-    ax.set(xticks=range(n), yticks=range(n), xlabel="Predicted", ylabel="True", title=title or "Confusion matrix")
+    ax.set(xticks=range(n), yticks=range(n), xlabel="Predicted (called)", ylabel="True", title=title or "Confusion matrix")
+    if subtitle:
+        import textwrap
+
+        fig.text(0.5, -0.02, "\n".join(textwrap.wrap(subtitle, 60)), ha="center", va="top", fontsize=7)
     ax.set_xticklabels(classes, rotation=30, ha="right")
     ax.set_yticklabels(classes)
     path = Path(path)

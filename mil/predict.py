@@ -24,6 +24,7 @@ from mil.crossval import id_columns, is_main_process, load_run_model, prediction
 from mil.inference import predict_outputs, resolve_device
 from mil.io import atomic_path, write_text
 from mil.report import write_report
+from mil.slide_scores import write_slide_predictions
 from mil.tasks import Task, task_class, task_from_meta
 
 logger = logging.getLogger(__name__)
@@ -151,42 +152,14 @@ def prediction_columns(run: Run, cfg: DictConfig) -> list[LabelColumn]:
     return [replace(c, classes=trained.classes) for c, trained in zip(named, run.task.columns, strict=True)]
 
 
-def extract_missing_bags(run: Run, cfg: DictConfig) -> None:
-    """Predicting from slides: embed the cohort's slides into ``cohort.features_dir`` with the
-    encoder, recipe and tiling recorded in the run; bags that already exist are kept."""
-    from encoders.extract import run_extract  # the command layer is where mil meets encoders
-
-    made = run.meta.get("extraction") or {}
-    if "encoder" not in made:
-        raise RunMismatchError(
-            f"{run.path} was trained on bags that do not record how they were made (not from `mil extract`); "
-            "extract the new cohort's bags with the same encoder, then predict from cohort.features_dir"
-        )
-    ecfg = cfg.copy()
-    ecfg.features_dir = cfg.cohort.features_dir
-    ecfg.encoder.name = made["encoder"]
-    ecfg.encoder.embedding = made.get("embedding")
-    ecfg.encoder.weights = cfg.encoder.weights or made.get("encoder_weights_source")
-    for key in ("tile_px", "mpp", "min_tissue", "thumbnail_px"):
-        if key in made:
-            ecfg.tiling[key] = made[key]
-    if not ecfg.slides.csv and not ecfg.slides.dir:
-        ecfg.slides.csv = cfg.cohort.slide_csv  # the slide table may carry a path column
-    logger.info("embedding the cohort's slides with %s (%s) as the run's bags were made", made["encoder"], made.get("embedding"))
-    run_extract(ecfg)
-
-
 def run_predict(run_dir: str | Path, overrides: list[str]) -> Path:
-    """Predict every bag of the configured cohort; write predictions (and metrics when labelled).
+    """Predict every bag of the configured cohort from its bags; write predictions (and metrics when labelled).
 
-    With ``slides.dir`` or ``slides.csv`` set for the new cohort, its slides are embedded first (see
-    :func:`extract_missing_bags`), so a new cohort can be predicted straight from its slides.
+    To predict straight from slides (embedding them first), use :func:`mil.commands.predict.run_predict`,
+    which is what `mil predict` calls.
     """
     run = load_run(run_dir)
     cfg = prediction_config(run, overrides)
-    slides = (cfg.slides.dir, cfg.slides.csv)
-    if any(slides) and slides != (run.config.slides.dir, run.config.slides.csv):  # set for this cohort
-        extract_missing_bags(run, cfg)
     out = Path(cfg.output_dir)
     columns = prediction_columns(run, cfg)
     task = task_class(cfg)(columns, cfg)
@@ -195,12 +168,15 @@ def run_predict(run_dir: str | Path, overrides: list[str]) -> Path:
     check_compatible(run, cohort)
     device = resolve_device(cfg.trainer.accelerator)
     per_model: dict[str, dict[str, np.ndarray]] = {}
-    for name, path in run.weights.items():
-        outputs = predict_outputs(load_run_model(run.path, path), cohort.bags, cfg.train.eval_batch_size, device, cfg.train.precision)
+    models = {name: load_run_model(run.path, path) for name, path in run.weights.items()}
+    for name, model in models.items():
+        outputs = predict_outputs(model, cohort.bags, cfg.train.eval_batch_size, device, cfg.train.precision)
         per_model[name] = task.predictions(outputs)
         logger.info("%s: predicted %d bags", name, len(cohort.bags))
     ensemble = {c: np.mean([p[c] for p in per_model.values()], axis=0) for c in task.prediction_names}
-    df = predictions_frame(cfg, task, cohort.bags, ensemble)
+    task.thresholds = run.task.thresholds
+    threshold = (task.thresholds or {}).get("ensemble")  # the run's, chosen on its validation splits
+    df = predictions_frame(cfg, task, cohort.bags, {**ensemble, **task.calls(ensemble, threshold)})
     if len(per_model) > 1:
         each = {f"{name}.{c}": values for name, p in per_model.items() for c, values in p.items()}
         df = pd.concat([df, pd.DataFrame(each, index=df.index)], axis=1)
@@ -209,7 +185,9 @@ def run_predict(run_dir: str | Path, overrides: list[str]) -> Path:
     out.mkdir(parents=True, exist_ok=True)
     with atomic_path(out / "predictions.csv") as tmp:
         df.to_csv(tmp, index=False)
+    write_slide_predictions(cfg, task, cohort.bags, list(models.values()), out / "slide_predictions.csv")
     meta = {"kind": "predict", "run": str(run.path), **task.metadata(), "models": list(run.weights),
+            **({"thresholds": task.thresholds} if task.thresholds else {}),
             "bootstrap": {"n": cfg.cv.bootstrap, "seed": cfg.cv.seed}}
     if cohort.unknown_labels:  # counted, so the metrics' n is explained
         meta["labels_outside_classes"] = cohort.unknown_labels

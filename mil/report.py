@@ -32,7 +32,13 @@ def pool_repeats(df: pd.DataFrame, id_columns: list[str], truth: list[str], outp
     if "repeat" not in df or df["repeat"].nunique() <= 1:
         return df
     agg = {**{t: "first" for t in truth}, **{o: "mean" for o in outputs}}
+    calls = [c for c in df.columns if c.startswith("pred_") and c not in agg]  # a class call: the repeats' majority
+    agg.update({c: _majority for c in calls})
     return df.groupby(id_columns, sort=False).agg(agg).reset_index()
+
+
+def _majority(values: pd.Series) -> Any:
+    return values.mode().iloc[0]
 
 
 def evaluate(
@@ -96,13 +102,40 @@ def format_summary(result: dict[str, Any], title: str | None = None) -> str:
     return "\n".join(lines) + "\n"
 
 
-def _class_arrays(df: pd.DataFrame, target: str, classes: list[str]) -> tuple[np.ndarray, np.ndarray]:
+def _class_arrays(df: pd.DataFrame, target: str, classes: list[str]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(true class index [n], probabilities [n, C], called class index [n]: ``pred_<target>``, else the argmax)."""
     index = {c: i for i, c in enumerate(classes)}
     y = df[target].astype(str).map(index)
     if y.isna().any():
         bad = df.loc[y.isna(), target].iloc[0]
         raise ValueError(f"label {bad!r} in column {target!r} is not one of the classes {classes}")
-    return y.to_numpy().astype(int), df[[f"prob_{c}" for c in classes]].to_numpy()
+    probs = df[[f"prob_{c}" for c in classes]].to_numpy()
+    call_column = f"pred_{target}"
+    if call_column in df:
+        calls = df[call_column].map(lambda v: index.get(str(v)) if pd.notna(v) else np.nan)  # none: the argmax
+        bad = calls.isna() & df[call_column].notna()  # a call outside the classes
+        if bad.any():
+            raise ValueError(f"call {df.loc[bad, call_column].iloc[0]!r} in column {call_column!r} is not one of the "
+                             f"classes {classes}")
+        calls = np.where(calls.isna(), probs.argmax(axis=1), calls.fillna(0)).astype(int)
+    else:
+        calls = probs.argmax(axis=1)
+    return y.to_numpy().astype(int), probs, calls
+
+
+def decision_text(thresholds: dict | None, classes: list[str], target: str) -> str:
+    """How a bag's call is made, for summaries and plot titles."""
+    if len(classes) != 2:
+        return f"call: the most probable class (argmax over {len(classes)} classes)"
+    if not thresholds or thresholds.get("ensemble") is None:
+        return f"call: {classes[-1]} when P({classes[-1]}) >= 0.5 (argmax; no threshold recorded)"
+    models = thresholds.get("models") or {}
+    rule = thresholds.get("describe", thresholds.get("rule", ""))
+    if len(models) > 1:
+        values = ", ".join(f"{v:.3f}" for v in models.values())
+        return (f"call: {classes[-1]} when P({classes[-1]}) >= the fold's threshold ({rule}; per fold {values}; "
+                f"fold ensemble {thresholds['ensemble']:.3f}, {thresholds.get('ensemble_rule', '')})")
+    return f"call: {classes[-1]} when P({classes[-1]}) >= {thresholds['ensemble']:.3f} ({rule})"
 
 
 def classification_report(
@@ -113,8 +146,16 @@ def classification_report(
     id_columns: list[str],
     n_boot: int = 1000,
     seed: int = 0,
+    thresholds: dict | None = None,
+    curve_label: str = "pooled",
 ) -> dict[str, Any]:
-    """``metrics.json``, ``summary.md``, ``roc.png``, ``pr.png``, ``confusion.png`` (+ ``calibration.png`` if binary)."""
+    """``metrics.json``, ``summary.md``, ``roc.png``, ``pr.png``, ``confusion.png`` (+ ``calibration.png`` if binary).
+
+    Balanced accuracy, accuracy, F1, sensitivity and specificity score the ``pred_<target>``
+    calls when the table has them (else the argmax); ``thresholds`` (the ``run.yaml`` record of
+    :func:`mil.thresholds.threshold_record`) is stated in ``summary.md`` and the confusion matrix.
+    ``curve_label`` names the bold curve ("pooled" out-of-fold predictions, or "fold ensemble").
+    """
     out_dir = Path(out_dir)
     labelled = predictions[predictions[target].notna()]
     probs = [f"prob_{c}" for c in classes]
@@ -123,12 +164,16 @@ def classification_report(
     found, pooled = evaluate(labelled, id_columns, [target], probs, metric_fn,
                              lambda df: _class_arrays(df, target, classes), n_boot, seed)
     result.update(found)
+    decision = decision_text(thresholds, classes, target)
+    result["decision"] = {"text": decision, **({"thresholds": thresholds} if thresholds else {})}
     write_json(out_dir / "metrics.json", result)
-    write_text(out_dir / "summary.md", format_summary(result))
-    plot_curves(pooled if "repeat" in labelled and labelled["repeat"].nunique() > 1 else labelled, target, classes, out_dir)
+    write_text(out_dir / "summary.md", format_summary(result) + f"\n{decision}\n")
+    n_patients = pooled[id_columns[0]].nunique() if id_columns and id_columns[0] in pooled else None
+    plot_curves(pooled if "repeat" in labelled and labelled["repeat"].nunique() > 1 else labelled, target, classes, out_dir,
+                pooled_metrics=result["pooled"], n_patients=n_patients, curve_label=curve_label)
     plot_calibration(pooled, target, classes, out_dir)
-    y, p = _class_arrays(pooled, target, classes)
-    plot_confusion(y, p.argmax(axis=1), classes, out_dir / "confusion.png", title=target)
+    y, _, calls = _class_arrays(pooled, target, classes)
+    plot_confusion(y, calls, classes, out_dir / "confusion.png", title=target, subtitle=decision)
     return result
 
 
@@ -195,7 +240,7 @@ def report_predictions(
 
     The task (type, label columns, class order) and the bootstrap settings come from the
     run's ``run.yaml`` when the CSV sits in a run folder; otherwise the table is read as a classification of
-    ``target`` (or a regression when it has a ``pred_<target>`` column).
+    ``target`` (or a regression when it has a ``pred_<target>`` column and no ``prob_*`` columns).
     """
     from omegaconf import OmegaConf
 
@@ -216,7 +261,7 @@ def report_predictions(
         task = task_from_meta(meta)
         if classes and task.name == "classification":
             task = TASKS.get("classification")([LabelColumn(target, classes=list(classes))])
-    elif f"pred_{target}" in header:
+    elif f"pred_{target}" in header and not any(c.startswith("prob_") for c in header):
         task = TASKS.get("regression")([LabelColumn(target, "number")])
     else:
         prob_classes = [c[len("prob_"):] for c in header if c.startswith("prob_")]
@@ -226,8 +271,9 @@ def report_predictions(
     if missing:
         raise ValueError(f"{csv} has no column(s) {missing} for the {task.name} task; columns are {list(header)}")
     outputs = task.truth_names + task.prediction_names
+    calls = {f"pred_{c.name}" for c in task.columns}
     ids = [c for c in header
-           if c not in (*outputs, "fold", "repeat") and not any(c.endswith(f".{p}") for p in task.prediction_names)]
+           if c not in (*outputs, *calls, "fold", "repeat") and not any(c.endswith(f".{p}") for p in task.prediction_names)]
     df = pd.read_csv(csv, dtype={**task.csv_dtypes(), **{c: str for c in ids}}, **ONLY_EMPTY_IS_MISSING)
     out = Path(out_dir) if out_dir else csv.parent
     boot = meta.get("bootstrap", {}) if meta is not None else {}

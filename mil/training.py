@@ -24,6 +24,7 @@ from torchmetrics.aggregation import MeanMetric
 from mil.cohort import Bag
 from mil.data import BagDataset, make_loader
 from mil.losses import AUX_LOSSES
+from mil.progress import EpochLines, quiet_lightning, show_progress_bar
 from mil.tasks import Task
 
 logger = logging.getLogger(__name__)
@@ -300,6 +301,10 @@ def fit(
         monitor, mode, window=min(t.monitor_window, epochs), start_epoch=min(warmup_epochs, epochs - 1), selection=selection,
         patience=t.patience, min_steps=max(t.min_steps, t.min_epochs * steps_per_epoch),
     )
+    # Progress: bars on a terminal, else one log line per epoch (mil/progress.py); no Lightning tips or banners.
+    progress_bar = show_progress_bar(cfg.trainer.enable_progress_bar)
+    callbacks = [best] + ([] if progress_bar else [EpochLines(out_dir.name)])
+    quiet_lightning()
     trainer = L.Trainer(
         max_epochs=epochs,
         accelerator=cfg.trainer.accelerator,
@@ -308,9 +313,9 @@ def fit(
         precision=t.precision,
         deterministic=cfg.trainer.deterministic,
         logger=_logger(cfg, out_dir),
-        callbacks=[best],
+        callbacks=callbacks,
         enable_checkpointing=False,
-        enable_progress_bar=cfg.trainer.enable_progress_bar,
+        enable_progress_bar=progress_bar,
         enable_model_summary=False,
         num_sanity_val_steps=0,
         log_every_n_steps=1,

@@ -33,7 +33,7 @@ def test_crossval_outputs(tmp_path, cohort_overrides, fast_overrides):
     for k in range(3):
         assert {"model.safetensors", "predictions.csv", "summary.json"} <= {p.name for p in (out / f"fold_{k}").iterdir()}
     pred = pd.read_csv(out / "predictions.csv", dtype={"patient_id": str})
-    assert list(pred.columns) == ["patient_id", "fold", "MSI", "prob_MSS", "prob_MSI-H"]
+    assert list(pred.columns) == ["patient_id", "fold", "MSI", "prob_MSS", "prob_MSI-H", "pred_MSI"]
     assert pred.patient_id.is_unique and len(pred) == 30
     assert ((pred.prob_MSS + pred["prob_MSI-H"]) - 1).abs().max() < 1e-5
     metrics = json.loads((out / "metrics.json").read_text())

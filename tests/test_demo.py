@@ -7,8 +7,8 @@ import pandas as pd
 
 from encoders.synthetic_slides import load_ground_truth
 from mil.bags import read_bag_info
-from mil.demo import run_demo, summary
-from mil.predict import run_predict
+from mil.commands.demo import run_demo, summary
+from mil.commands.predict import run_predict
 
 
 def test_tiny_demo_learns_and_localises(tmp_path):

@@ -16,9 +16,9 @@ from encoders.synthetic_slides import make_slide_cohort, write_slide
 from encoders.tiling import grid_coords
 from mil.attention import attention_models, ensemble_attention
 from mil.bags import read_bag_info, read_coords
+from mil.commands.heatmap import HeatmapError, run_heatmap, tile_size_level0
 from mil.config import ConfigError, load_config
 from mil.crossval import run_crossval, run_train
-from mil.heatmap import HeatmapError, run_heatmap, tile_size_level0
 from mil.heatmap_render import heat_raster, overlay_panel, percentile_scores
 from mil.models import MILOutput
 
@@ -127,7 +127,7 @@ def test_top_attention_tiles_fall_in_the_planted_regions(slides, abmil_run):
         top = np.argsort(-scores.score.to_numpy())[: max(1, round(0.05 * len(scores)))]
         hits += list(fraction[top] >= 0.5)
         with Image.open(root / "maps" / f"{sid}_heatmap.png") as im:
-            assert 640 < im.width < 1000 and 500 < im.height < 1000  # panel, header and colour bar
+            assert 2 * 640 < im.width < 1700 and 500 < im.height < 1000  # thumbnail, overlay, header, colour bar
     assert np.mean(hits) >= 0.8, f"only {np.mean(hits):.0%} of the top-5% tiles lie in planted regions"
 
 
@@ -224,3 +224,101 @@ def test_output_dir_override_is_the_output_folder(slides, abmil_run, tmp_path):
     out = run_heatmap(abmil_run, [f"output_dir={tmp_path / 'o'}"], [sid])
     assert all(p.parent == tmp_path / "o" for p in out)
     shutil.rmtree(tmp_path / "o")
+
+
+# ---------------------------------------------------------------- whole cohorts, QuPath export, scales
+def test_qupath_geojson_structure_and_tile_boxes(slides, abmil_run, tmp_path):
+    """What QuPath's GeoJSON importer reads: a FeatureCollection of detection Polygons in level-0 pixels,
+    each the closed box of its tile; the level-0 pixels inside a box are the pixels the encoder embedded."""
+    import json
+
+    from encoders.tiling import plan_tiles, read_tile
+
+    cohort = slides[0]
+    sid = next(s for s, v in cohort.slides.items() if v.tumour)
+    written = run_heatmap(abmil_run, [], [sid], out_dir=tmp_path, formats=["geojson"])
+    assert [p.name for p in written] == [f"{sid}_scores.csv", f"{sid}_tiles.geojson"]
+    doc = json.loads((tmp_path / f"{sid}_tiles.geojson").read_text())
+    bag = slides[1] / "bags" / f"{sid}.h5"
+    coords, attrs = read_coords(bag), read_bag_info(bag).attrs
+    scores = pd.read_csv(tmp_path / f"{sid}_scores.csv").score.to_numpy()
+    assert doc["type"] == "FeatureCollection" and len(doc["features"]) == len(coords)
+    side = attrs["tile_px"] * attrs["mpp"] / attrs["slide_mpp"]  # level-0 px, from the extraction settings
+    for f, (x, y), score in zip(doc["features"], coords, scores, strict=True):
+        assert f["type"] == "Feature" and f["geometry"]["type"] == "Polygon"
+        ring = f["geometry"]["coordinates"][0]
+        assert ring == [[x, y], [x + side, y], [x + side, y + side], [x, y + side], [x, y]]
+        props = f["properties"]
+        assert props["objectType"] == "detection"
+        assert props["measurements"]["attention"] == pytest.approx(score, rel=1e-6)
+        assert 0 <= props["measurements"]["attention percentile"] <= 100
+    top = max(doc["features"], key=lambda f: f["properties"]["measurements"]["attention"])
+    assert top["properties"]["measurements"]["attention percentile"] == 100
+    # Pixels: the crop of a polygon's box equals the tile the encoder read; a box half a tile off does not.
+    path = cohort.slides[sid].path
+    with open_slide(path) as slide:
+        plan = plan_tiles(attrs["slide_mpp"], attrs["mpp"], attrs["tile_px"], slide.level_downsamples)
+        n = int(np.ceil(side))
+        for f in doc["features"][:: max(1, len(coords) // 5)]:
+            (x0, y0), (x1, y1) = f["geometry"]["coordinates"][0][0], f["geometry"]["coordinates"][0][2]
+            seen = np.asarray(read_tile(slide, path, int(x0), int(y0), plan), float)
+            box = slide.read_region((int(x0), int(y0)), 0, (n, n)).convert("RGB").resize(
+                (attrs["tile_px"], attrs["tile_px"]), Image.Resampling.BICUBIC, box=(0, 0, x1 - x0, y1 - y0))
+            assert np.abs(np.asarray(box, float) - seen).mean() < 2.0
+            off = slide.read_region((int(x0 + side / 2), int(y0)), 0, (n, n)).convert("RGB")
+            assert np.abs(np.asarray(off.resize(box.size), float) - seen).mean() > np.abs(np.asarray(box, float) - seen).mean()
+
+
+def test_without_slide_ids_every_slide_of_the_cohort_is_drawn(slides, abmil_run, tmp_path):
+    cohort = slides[0]
+    written = run_heatmap(abmil_run, [], out_dir=tmp_path, formats=["geojson"])
+    assert {p.name for p in written} == {f"{s}_{k}" for s in cohort.slides for k in ("scores.csv", "tiles.geojson")}
+
+
+def test_top_draws_the_most_confident_bags(slides, abmil_run, tmp_path):
+    from mil.predict import run_predict
+
+    written = run_heatmap(abmil_run, [], out_dir=tmp_path, formats=["geojson"], top=2)
+    drawn = {p.name.rsplit("_", 1)[0] for p in written}
+    table = pd.read_csv(slides[0].slide_csv, dtype=str)
+    patients = set(table.set_index("slide_id").loc[sorted(drawn), "patient_id"])
+    # The same fold ensemble's probabilities, from `mil predict` on the cohort.
+    pred = pd.read_csv(run_predict(abmil_run, [f"output_dir={tmp_path / 'pred'}"]) / "predictions.csv", dtype=str)
+    prob = pred.astype({"prob_MSI-H": float}).set_index("patient_id")["prob_MSI-H"].sort_values()
+    chosen = prob[sorted(patients)].sort_values()
+    assert len(chosen) == 4  # ties allowed (an easy task saturates): compare values, not ids
+    assert (chosen.iloc[:2] <= prob.iloc[1] + 1e-5).all() and (chosen.iloc[2:] >= prob.iloc[-2] - 1e-5).all()
+    assert drawn == set(table.slide_id[table.patient_id.isin(patients)])  # every slide of those patients
+    with pytest.raises(ConfigError, match="not both"):
+        run_heatmap(abmil_run, [], [next(iter(slides[0].slides))], top=2)
+
+
+def test_slide_list_file(tmp_path):
+    from mil.commands.heatmap import read_slide_list
+
+    (tmp_path / "a.txt").write_text("# review\nS1\n\nS2\n")
+    (tmp_path / "b.csv").write_text("slide_id,note\nS3,x\nS4,y\n")
+    assert read_slide_list(tmp_path / "a.txt") == ["S1", "S2"]
+    assert read_slide_list(tmp_path / "b.csv") == ["S3", "S4"]
+    with pytest.raises(ConfigError, match="no such file"):
+        read_slide_list(tmp_path / "missing.txt")
+
+
+def test_cohort_scale_keeps_a_diffuse_slide_cold(slides, abmil_run, tmp_path):
+    from mil.attention import SlideAttention
+    from mil.commands.heatmap import displayed_scores
+
+    def sa(scores):
+        scores = np.asarray(scores, float)
+        return SlideAttention("s", None, None, np.zeros((len(scores), 2)), scores, {}, None, {}, len(scores))
+
+    focused, diffuse = sa([0.01] * 9 + [0.91]), sa([0.1] * 10)
+    by_slide = displayed_scores([focused, diffuse], "slide")
+    by_cohort = displayed_scores([focused, diffuse], "cohort")
+    assert by_slide[1].max() == pytest.approx(0.5)  # within its own slide a uniform map is mid-scale
+    assert by_cohort[0].max() == pytest.approx(1.0) and by_cohort[1].max() == 0.0  # uniform: cold on the shared scale
+    assert by_cohort[0][:9].max() == 0.0
+    # End to end: the caption and colour bar say which scale.
+    positive = [s for s, v in slides[0].slides.items() if v.tumour][:2]
+    written = run_heatmap(abmil_run, [], positive, out_dir=tmp_path, scale="cohort", top_k=2, max_px=400, opacity=0.7)
+    assert sum(p.name.endswith("_heatmap.png") for p in written) == 2

@@ -112,7 +112,7 @@ def test_outputs_per_task(run):
     task, cfg, out, _ = run
     pred = pd.read_csv(out / "predictions.csv")
     expected = {
-        "classification": ["patient_id", "fold", "grade", "prob_G1", "prob_G2", "prob_G3"],
+        "classification": ["patient_id", "fold", "grade", "prob_G1", "prob_G2", "prob_G3", "pred_grade"],
         "multi_target": ["patient_id", "fold", "MSI", "BRAF", "KRAS", "prob_MSI_MSS", "prob_MSI_MSI-H",
                          "prob_BRAF_wild-type", "prob_BRAF_mutant", "prob_KRAS_wild-type", "prob_KRAS_mutant"],
         "regression": ["patient_id", "fold", "TMB", "pred_TMB"],
@@ -146,7 +146,9 @@ def test_predict_and_report(run, tmp_path):
     ext = run_predict(out, [*_cohort(external), f"output_dir={tmp_path / 'ext'}"])
     pred = pd.read_csv(ext / "predictions.csv")
     own = pd.read_csv(out / "predictions.csv", nrows=0).columns.drop("fold")
-    per_fold = [f"fold_{k}.{c}" for k in range(3) for c in own if c.startswith(("prob_", "pred_", "risk"))]
+    # Each fold model's own prediction columns (a classification call pred_<target> is the ensemble's only).
+    outputs = [c for c in own if c.startswith(("prob_", "risk")) or (task == "regression" and c.startswith("pred_"))]
+    per_fold = [f"fold_{k}.{c}" for k in range(3) for c in outputs]
     assert list(pred.columns) == [*own, *per_fold] and len(pred) == 40
     first = next(c for c in own if c.startswith(("prob_", "pred_", "risk")))
     np.testing.assert_allclose(pred[first], pred[[f"fold_{k}.{first}" for k in range(3)]].mean(axis=1), rtol=1e-6)

@@ -32,7 +32,10 @@ def task_from_meta(meta: DictConfig, cfg: DictConfig | None = None) -> Task:
         columns = [LabelColumn(**OmegaConf.to_container(c)) for c in meta.columns]
     else:
         columns = [LabelColumn(str(meta.target), classes=[str(c) for c in meta.classes])]
-    return TASKS.get(str(meta.get("task", "classification")))(columns, cfg)
+    task = TASKS.get(str(meta.get("task", "classification")))(columns, cfg)
+    if meta.get("thresholds") is not None:
+        task.thresholds = OmegaConf.to_container(meta.thresholds)
+    return task
 
 
 __all__ = ["TASKS", "OutputAffine", "Task", "ValMetrics", "create_task", "task_class", "task_from_meta"]

@@ -46,6 +46,7 @@ class Task:
     def __init__(self, columns: list[LabelColumn], cfg: DictConfig | None = None) -> None:
         self.cfg = cfg if cfg is not None else load_config([])
         self.columns = list(columns)
+        self.thresholds: dict | None = None  # the run's decision thresholds (run.yaml), stated in reports
         self.loss_name = self.cfg.task.loss or self.losses[0]
         if self.loss_name not in self.losses:
             raise ConfigError(f"task.loss={self.loss_name!r} does not apply to task.type={self.name}; use one of {list(self.losses)}")
@@ -132,6 +133,20 @@ class Task:
     def predictions(self, outputs: np.ndarray) -> dict[str, np.ndarray]:
         """Prediction columns from the raw outputs [n_bags, n_outputs]."""
         raise NotImplementedError
+
+    @property
+    def has_threshold(self) -> bool:
+        """Whether calls need a threshold chosen on validation predictions (binary classification)."""
+        return False
+
+    def choose_threshold(self, bags: list[Bag], outputs: np.ndarray) -> float | None:
+        """The decision threshold chosen on ``bags`` (validation) and the model's ``outputs`` on them;
+        None for tasks that call without one."""
+        return None
+
+    def calls(self, columns: dict[str, np.ndarray], threshold: float | None) -> dict[str, np.ndarray]:
+        """Call columns (e.g. ``pred_<target>``) from the prediction ``columns``; none by default."""
+        return {}
 
     @property
     def prediction_names(self) -> list[str]:

@@ -29,6 +29,7 @@ from mil.cohort import Bag, LabelColumn
 from mil.report import classification_report
 from mil.splits import check_class_counts
 from mil.tasks.base import TASKS, Inputs, Task, ValMetrics, pooled_line
+from mil.thresholds import ThresholdRule, call_classes
 
 CATEGORICAL_MONITORS = {"auroc": "max", "ap": "max", "balanced_accuracy": "max", "accuracy": "max", "f1": "max"}
 
@@ -114,6 +115,15 @@ def probability_columns(logits: np.ndarray, prefix: str, classes: list[str]) -> 
     return {f"{prefix}{c}": probs[:, i] for i, c in enumerate(classes)}
 
 
+def curve_label(predictions: pd.DataFrame, thresholds: dict | None) -> str:
+    """"pooled" out-of-fold predictions (cross-validation), else an external cohort's "fold ensemble"."""
+    if "fold" in predictions:
+        return "pooled"
+    ensemble = any(c.startswith("fold_") and "." in c for c in predictions.columns) or \
+        len((thresholds or {}).get("models") or {}) > 1
+    return "fold ensemble" if ensemble else "all bags"
+
+
 @TASKS.register("classification")
 class ClassificationTask(Task):
     """One categorical label per bag; softmax over ``len(classes)`` outputs, cross-entropy loss."""
@@ -174,8 +184,28 @@ class ClassificationTask(Task):
     def predictions(self, outputs: np.ndarray) -> dict[str, np.ndarray]:
         return probability_columns(outputs, "prob_", self.classes)
 
+    @property
+    def has_threshold(self) -> bool:
+        return self.n_outputs == 2  # multi-class: argmax
+
+    def csv_dtypes(self) -> dict[str, type]:
+        return {**super().csv_dtypes(), f"pred_{self.column.name}": str}
+
+    def choose_threshold(self, bags: list[Bag], outputs: np.ndarray) -> float | None:
+        if not self.has_threshold:
+            return None
+        y = encode_labels(bags, self.column)
+        p = self.predictions(outputs)[f"prob_{self.classes[-1]}"]
+        known = y >= 0
+        return ThresholdRule.from_config(self.cfg).choose(y[known] == 1, p[known])
+
+    def calls(self, columns: dict[str, np.ndarray], threshold: float | None) -> dict[str, np.ndarray]:
+        probs = np.stack([columns[f"prob_{c}"] for c in self.classes], axis=1)
+        return {f"pred_{self.column.name}": call_classes(probs, self.classes, threshold)}
+
     def report(self, predictions: pd.DataFrame, out_dir: Path, id_columns: list[str], n_boot: int, seed: int) -> dict:
-        return classification_report(predictions, self.column.name, self.classes, out_dir, id_columns, n_boot, seed)
+        return classification_report(predictions, self.column.name, self.classes, out_dir, id_columns, n_boot, seed,
+                                     thresholds=self.thresholds, curve_label=curve_label(predictions, self.thresholds))
 
     def headline(self, result: dict) -> str:
         return f"{pooled_line(result, 'auroc', 'AUROC')}, balanced accuracy {result['pooled']['balanced_accuracy']['value']:.3f}"

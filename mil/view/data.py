@@ -33,7 +33,7 @@ from PIL import Image
 
 from mil.attention import HeatmapError, SlideAttention, slide_attention
 from mil.cohort import Bag, load_cohort
-from mil.heatmap import SlideLocator, heatmap_config, tile_size_level0
+from mil.commands.heatmap import SlideLocator, heatmap_config, tile_size_level0
 from mil.heatmap_render import CMAP, heat_raster, percentile_scores
 from mil.predict import Run, check_compatible, load_run
 

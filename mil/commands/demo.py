@@ -21,7 +21,7 @@ from mil.config import load_config
 
 logger = logging.getLogger(__name__)
 
-CONFIGS = Path(__file__).resolve().parents[1] / "configs" / "demo"
+CONFIGS = Path(__file__).resolve().parents[2] / "configs" / "demo"
 
 
 @dataclass(frozen=True)
@@ -90,9 +90,9 @@ def run_demo(out: str | Path = "demo_output", size: str = "full", encoder: str =
     """Generate the demo cohorts and run extract, crossval, predict, heatmap and report on them."""
     from encoders.extract import run_extract
     from encoders.synthetic_slides import make_slide_cohort
+    from mil.commands.heatmap import run_heatmap
+    from mil.commands.predict import run_predict
     from mil.crossval import run_crossval
-    from mil.heatmap import run_heatmap
-    from mil.predict import run_predict
     from mil.report import report_predictions
 
     if size not in SIZES:
