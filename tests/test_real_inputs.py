@@ -261,7 +261,7 @@ def test_stamp_micrometre_coordinates_become_level0_pixels_or_are_refused(tmp_pa
 
 
 def test_stamp_bag_heatmap_scores_are_in_level0_pixels(predict_run, synthetic_cohort, tmp_path):
-    from mil.heatmap import run_heatmap
+    from mil.commands.heatmap import run_heatmap
 
     c = synthetic_cohort
     slides = pd.read_csv(c.slide_csv, dtype=str)
