@@ -11,6 +11,7 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass, field, replace
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pandas as pd
@@ -69,6 +70,7 @@ class Cohort:
     bag_level: str
     skipped: pd.DataFrame = field(default_factory=lambda: pd.DataFrame(columns=["kind", "id", "reason"]))
     columns: list[LabelColumn] = field(default_factory=list)  # label columns, classes resolved
+    covariates: Any = None  # mil.covariates.RawCovariates when cohort.covariates names columns (set by the runs)
 
     @property
     def patient_ids(self) -> np.ndarray:

@@ -20,6 +20,7 @@ from omegaconf import DictConfig, OmegaConf
 from mil.bags import UNKNOWN, identity_value
 from mil.cohort import Cohort, LabelColumn, load_cohort
 from mil.config import ConfigError, load_config
+from mil.covariates import model_covariates, read_covariates
 from mil.crossval import id_columns, is_main_process, load_run_model, predictions_frame
 from mil.inference import predict_outputs, resolve_device
 from mil.io import atomic_path, write_text
@@ -192,10 +193,14 @@ def run_predict(run_dir: str | Path, overrides: list[str]) -> Path:
     task = task_class(cfg)(columns, cfg)
     cohort = load_cohort(cfg.cohort, require_labels=False, columns=columns)
     check_compatible(run, cohort)
+    raw_covariates = read_covariates(cfg.cohort, cohort.bags, context=f" (the run {run.path} was trained with them)")
     device = resolve_device(cfg.trainer.accelerator)
     per_model: dict[str, dict[str, np.ndarray]] = {}
     for name, path in run.weights.items():
-        outputs = predict_outputs(load_run_model(run.path, path), cohort.bags, cfg.train.eval_batch_size, device, cfg.train.precision)
+        model = load_run_model(run.path, path)
+        covariates = model_covariates(model, raw_covariates, cohort.bags, f"{run.path} {name}")
+        outputs = predict_outputs(model, cohort.bags, cfg.train.eval_batch_size, device, cfg.train.precision,
+                                  covariates=covariates)
         per_model[name] = task.predictions(outputs)
         logger.info("%s: predicted %d bags", name, len(cohort.bags))
     ensemble = {c: np.mean([p[c] for p in per_model.values()], axis=0) for c in task.prediction_names}
