@@ -31,8 +31,8 @@ from scipy import stats
 
 from mil.cohort import Cohort
 from mil.covariates import encode_split, encoder_path, fit_fold
-from mil.crossval import fold_frame, id_columns
-from mil.fusion import CovariatesOnly
+from mil.crossval import fold_frame, id_columns, is_main_process
+from mil.fusion import fit_covariates_only
 from mil.inference import predict_outputs, resolve_device, save_weights
 from mil.io import atomic_path, write_json, write_text
 from mil.metrics import concordance_index, regression_metrics
@@ -52,33 +52,6 @@ def _write_csv(df: pd.DataFrame, path: Path) -> None:
         df.to_csv(tmp, index=False)
 
 
-def fit_covariates_only(
-    task: Task, x_train: torch.Tensor, train_targets: torch.Tensor, l2: float, max_iter: int = 500
-) -> torch.nn.Module:
-    """The covariates-only linear model, fitted on ``x_train`` [n, C] by full-batch L-BFGS.
-
-    Minimises ``task loss + l2 / 2 * ||W||^2`` (bias unpenalised); the task's wrapper
-    (e.g. regression's output scale) is applied as in training the slide models.
-    """
-    torch.manual_seed(0)
-    model = task.wrap(CovariatesOnly(x_train.shape[1], task.n_outputs), train_targets)
-    loss_fn = task.make_loss(train_targets)
-    linear = model.model.linear if hasattr(model, "model") else model.linear
-    torch.nn.init.zeros_(linear.weight)
-    torch.nn.init.zeros_(linear.bias)
-    dummy = torch.zeros(len(x_train), 1, 1)  # no bag is read
-    opt = torch.optim.LBFGS(linear.parameters(), lr=1.0, max_iter=max_iter, line_search_fn="strong_wolfe")
-
-    def closure() -> torch.Tensor:
-        opt.zero_grad()
-        loss = loss_fn(model(dummy, None, covariates=x_train).logits, train_targets) + 0.5 * l2 * linear.weight.pow(2).sum()
-        loss.backward()
-        return loss
-
-    opt.step(closure)
-    return model.eval()
-
-
 @torch.no_grad()
 def covariate_outputs(model: torch.nn.Module, x: torch.Tensor) -> np.ndarray:
     """Raw outputs [n, n_outputs] of the covariates-only model (it reads no bag)."""
@@ -91,6 +64,7 @@ def run_ablation_fold(
     """Train and predict the slide-only and covariates-only arms of one fold (kept when finished).
 
     ``train_one`` is :func:`mil.crossval` 's training of one model (the fused arm's own recipe).
+    Runs on every process of a distributed run (training needs them all); only the main one writes.
     """
     test_bags = cohort.subset(set(fold.test))
     device = resolve_device(cfg.trainer.accelerator)
@@ -100,12 +74,14 @@ def run_ablation_fold(
         slide_cfg.cohort.covariates.numeric, slide_cfg.cohort.covariates.categorical = [], []
         logger.info("%s ablation: slide-only model", fold.name)
         model, summary, _ = train_one(slide_cfg, cohort, task, fold.train, fold.val, arm_dir, seed, f"{fold.name} slide-only")
+        if not is_main_process():
+            return
         save_weights(model, arm_dir / "model.safetensors")
         outputs = predict_outputs(model, test_bags, cfg.train.eval_batch_size, device, cfg.train.precision)
         write_json(arm_dir / "summary.json", summary)
         _write_csv(fold_frame(cfg, task, fold, test_bags, task.predictions(outputs)), arm_dir / "predictions.csv")
     arm_dir = fold_dir / "ablation" / "covariates_only"
-    if not (arm_dir / "predictions.csv").is_file():
+    if is_main_process() and not (arm_dir / "predictions.csv").is_file():
         logger.info("%s ablation: covariates-only linear model", fold.name)
         train_bags, val_bags = cohort.subset(set(fold.train)), cohort.subset(set(fold.val))
         covs = fit_fold(cohort.covariates, train_bags, val_bags, cfg.cohort.covariates.unseen_category, fold.name)

@@ -29,7 +29,7 @@ from mil.bags import read_bag_info
 from mil.cohort import Bag, Cohort, load_cohort
 from mil.config import ConfigError, load_config, require, save_config
 from mil.covariates import CovariateEncoder, configured, encode_split, encoder_path, fit_fold, read_covariates
-from mil.fusion import CovariateFusion
+from mil.fusion import CovariateFusion, warm_start_late_fusion
 from mil.inference import load_weights, predict_outputs, resolve_device, save_weights
 from mil.io import atomic_path, write_json, write_text
 from mil.jobs import LAUNCHER_KEYS, fold_job, pooled_is_current, run_lock, select_folds
@@ -178,6 +178,8 @@ def _train_one(
         model.fit(train_bags)  # training patients only: val and test stay unseen
     train_targets = task.encode(train_bags)
     x_train, x_val = (torch.from_numpy(covs.train), torch.from_numpy(covs.val)) if covs else (None, None)
+    if covs:  # late fusion starts from the covariates-only linear model of these training patients
+        warm_start_late_fusion(model, task, x_train, train_targets, cfg.train.weight_decay)
     model, summary = fit(
         cfg, task.wrap(model, train_targets), task, train_bags, train_targets, val_bags, task.encode(val_bags),
         out_dir, seed, train_covariates=x_train, val_covariates=x_val,
@@ -204,6 +206,10 @@ def run_fold(cfg: DictConfig, cohort: Cohort, fold: Fold, fold_dir: Path, seed: 
     """Train on ``fold.train``, select on ``fold.val``; only then predict ``fold.test``."""
     task = create_task(cfg, cohort.columns)
     model, summary, encoder = _train_one(cfg, cohort, task, fold.train, fold.val, fold_dir, seed, fold.name)
+    if cfg.cv.ablation:  # slide-only and covariates-only models of this fold, on every process (DDP)
+        from mil.ablation import run_ablation_fold
+
+        run_ablation_fold(cfg, cohort, task, fold, fold_dir, seed, _train_one)
     if not is_main_process():
         return None
     save_weights(model, fold_dir / "model.safetensors")
@@ -216,10 +222,6 @@ def run_fold(cfg: DictConfig, cohort: Cohort, fold: Fold, fold_dir: Path, seed: 
         model, test_bags, cfg.train.eval_batch_size, resolve_device(cfg.trainer.accelerator), cfg.train.precision,
         covariates=x_test,
     )
-    if cfg.cv.ablation:  # slide-only and covariates-only models on the same fold (before predictions.csv marks it done)
-        from mil.ablation import run_ablation_fold
-
-        run_ablation_fold(cfg, cohort, task, fold, fold_dir, seed, _train_one)
     df = fold_frame(cfg, task, fold, test_bags, task.predictions(outputs))
     write_json(fold_dir / "summary.json", {**summary, "n_train": len(fold.train), "n_val": len(fold.val), "n_test": len(fold.test)})
     write_record(fold_dir, fold_record(cohort, fold))

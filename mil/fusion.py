@@ -14,17 +14,27 @@ heatmaps and the viewer keep working.
   Conditioning Layer", AAAI 2018): ``e' = (1 + gamma(c)) * e + beta(c)`` with ``gamma, beta``
   linear in the covariates, initialised to zero (the identity), then the aggregator's head.
 
-:class:`CovariatesOnly` is the covariates-only linear model of the ablation (:mod:`mil.ablation`).
+:class:`CovariatesOnly` is the covariates-only linear model of the ablation (:mod:`mil.ablation`),
+fitted by :func:`fit_covariates_only`. The same fit warm-starts the covariate weights ``W_c`` of
+late fusion (:func:`warm_start_late_fusion`): trained from scratch with the aggregator's small
+learning rate, a handful of linear weights barely leave their initial values within the epochs a
+MIL model trains (measured: benchmarks/covariate_ablation.py), so the fused model would ignore
+covariates that a plain logistic / Cox / linear model uses well. Training then updates all weights
+jointly.
 """
 
 from __future__ import annotations
 
 import dataclasses
+from typing import TYPE_CHECKING
 
 import torch
 from torch import nn
 
 from mil.models.base import MILOutput
+
+if TYPE_CHECKING:
+    from mil.tasks import Task
 
 FUSIONS = ("late", "film")
 
@@ -50,6 +60,7 @@ class CovariateFusion(nn.Module):
         self.n_outputs = model.n_outputs
         if fusion == "late":
             self.covariate_head = nn.Linear(n_covariates, model.n_outputs, bias=False)
+            nn.init.zeros_(self.covariate_head.weight)  # starts as the slide model (or warm-started)
         else:
             self.film = nn.Linear(n_covariates, 2 * model.embedding_dim)
             nn.init.zeros_(self.film.weight)
@@ -98,3 +109,49 @@ class CovariatesOnly(nn.Module):
         if covariates is None:
             raise ValueError("the covariates-only model needs covariates")
         return MILOutput(logits=self.linear(covariates.float()), embedding=covariates)
+
+
+def fit_covariates_only(
+    task: Task, x_train: torch.Tensor, train_targets: torch.Tensor, l2: float, max_iter: int = 500
+) -> nn.Module:
+    """A :class:`CovariatesOnly` model fitted on ``x_train`` [n, C] by full-batch L-BFGS.
+
+    Minimises ``task loss + l2 / 2 * ||W||^2`` (bias unpenalised) with the task's own loss
+    (cross-entropy: logistic regression; Cox partial likelihood: a Cox model; least squares:
+    linear regression); the task's output wrapper (e.g. regression's scale) applies as in training
+    the slide models. Deterministic: the weights start at zero. Returns the wrapped model (eval mode).
+    """
+    linear_model = CovariatesOnly(x_train.shape[1], task.n_outputs)
+    nn.init.zeros_(linear_model.linear.weight)
+    nn.init.zeros_(linear_model.linear.bias)
+    model = task.wrap(linear_model, train_targets)
+    loss_fn = task.make_loss(train_targets)
+    weight = linear_model.linear.weight
+    dummy = torch.zeros(len(x_train), 1, 1)  # no bag is read
+    opt = torch.optim.LBFGS(linear_model.parameters(), lr=1.0, max_iter=max_iter, line_search_fn="strong_wolfe")
+
+    def closure() -> torch.Tensor:
+        opt.zero_grad()
+        loss = loss_fn(model(dummy, None, covariates=x_train).logits.float(), train_targets) + 0.5 * l2 * weight.pow(2).sum()
+        loss.backward()
+        return loss
+
+    opt.step(closure)
+    return model.eval()
+
+
+def warm_start_late_fusion(
+    model: nn.Module, task: Task, x_train: torch.Tensor, train_targets: torch.Tensor, l2: float
+) -> bool:
+    """Set ``W_c`` of the late fusion inside ``model`` to the covariates-only fit on the training fold.
+
+    Returns False (and changes nothing) when ``model`` has no late fusion.
+    """
+    fusion = next((m for m in model.modules() if isinstance(m, CovariateFusion)), None)
+    if fusion is None or fusion.fusion != "late":
+        return False
+    fitted = fit_covariates_only(task, x_train, train_targets, l2)
+    linear = next(m for m in fitted.modules() if isinstance(m, CovariatesOnly)).linear
+    with torch.no_grad():
+        fusion.covariate_head.weight.copy_(linear.weight)
+    return True

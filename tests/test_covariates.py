@@ -9,13 +9,13 @@ import pandas as pd
 import pytest
 import torch
 
-from mil.ablation import compare_arms, fit_covariates_only, format_ablation
+from mil.ablation import compare_arms, format_ablation
 from mil.cohort import Bag, LabelColumn
 from mil.config import ConfigError, load_config
 from mil.covariates import CovariateEncoder, CovariateError, RawCovariates, read_covariates
 from mil.crossval import load_run_model, run_crossval, run_train
 from mil.data import BagDataset, collate_bags
-from mil.fusion import CovariateFusion
+from mil.fusion import CovariateFusion, fit_covariates_only, warm_start_late_fusion
 from mil.heatmap import run_heatmap
 from mil.models import MODELS, create_model
 from mil.predict import run_predict
@@ -217,6 +217,41 @@ def test_covariates_only_model_fits_each_task_loss():
     assert ((probs > 0.5).long() == y).float().mean() > 0.85
     w = model.linear.weight.detach()
     assert (w[1, 0] - w[0, 0]) > 2 * (w[1, 1:] - w[0, 1:]).abs().max()  # the signal column dominates
+
+
+def test_covariates_only_model_uses_cox_and_least_squares_losses():
+    from mil.metrics import concordance_index
+
+    rng = np.random.default_rng(1)
+    x = torch.from_numpy(rng.standard_normal((300, 2)).astype(np.float32))
+    time = rng.exponential(1 / np.exp(1.5 * x[:, 0].numpy()))
+    event = rng.random(300) < 0.8
+    cfg = load_config(["task.type=survival", "task.time=T", "task.event=E", "cohort.target=null"])
+    surv = create_task(cfg, [LabelColumn("T", kind="time", key="task.time"), LabelColumn("E", kind="event", key="task.event")])
+    y = torch.tensor(np.stack([time, event], 1), dtype=torch.float32)
+    model = fit_covariates_only(surv, x, y, l2=1e-3)
+    risk = model(torch.zeros(300, 1, 1), None, covariates=x).logits[:, 0].detach().numpy()
+    assert concordance_index(risk, time, event) > 0.75
+    w = model.model.linear.weight.detach()[0]
+    assert 1.0 < w[0] < 2.0 and abs(w[1]) < 0.3  # the Cox coefficient of the true model (1.5)
+    reg = create_task(load_config(["task.type=regression", "cohort.target=TMB"]), [LabelColumn("TMB", kind="number")])
+    target = torch.from_numpy((10 + 3 * x[:, 1].numpy() + rng.normal(0, 0.3, 300)).astype(np.float32))
+    pred = fit_covariates_only(reg, x, target, l2=1e-3)(torch.zeros(300, 1, 1), None, covariates=x).logits[:, 0].detach()
+    assert float(torch.corrcoef(torch.stack([pred, target]))[0, 1]) > 0.99 and abs(float(pred.mean()) - 10) < 0.2
+
+
+def test_late_fusion_is_warm_started_from_the_covariates_only_fit():
+    rng = np.random.default_rng(0)
+    x = torch.from_numpy(rng.standard_normal((80, 3)).astype(np.float32))
+    y = (x[:, 0] > 0).long()
+    task = create_task(load_config(["cohort.target=y"]), [LabelColumn("y", classes=["0", "1"])])
+    torch.manual_seed(0)
+    fused = CovariateFusion(create_model("abmil", D, 2, hidden_dim=8), 3, "late")
+    assert (fused.covariate_head.weight == 0).all()  # from scratch: starts as the slide model
+    assert warm_start_late_fusion(fused, task, x, y, l2=1e-2)
+    expected = fit_covariates_only(task, x, y, l2=1e-2).linear.weight
+    torch.testing.assert_close(fused.covariate_head.weight, expected)
+    assert not warm_start_late_fusion(CovariateFusion(create_model("abmil", D, 2), 3, "film"), task, x, y, l2=1e-2)
 
 
 # ---------------------------------------------------------------- runs: crossval, predict, heatmap, ablation
