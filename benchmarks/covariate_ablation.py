@@ -75,7 +75,7 @@ def main() -> None:
         "cohort.covariates.numeric=[age,size_mm]", "cohort.covariates.categorical=[stage,site]",
         f"model.name={args.model}", "model.args={hidden_dim: 64}", f"model.fusion={args.fusion}",
         "cv.folds=5", "cv.ablation=true", "cv.bootstrap=1000",
-        "train.lr=1e-3", "train.max_epochs=30", "train.batch_size=8", "train.precision=32-true",
+        "train.precision=32-true",  # otherwise the default recipe
         "trainer.enable_progress_bar=false", "trainer.accelerator=cpu", "trainer.logger=none",
         f"output_dir={args.out / f'{args.scenario}-{args.model}-{args.fusion}'}",
     ])

@@ -259,6 +259,7 @@ def test_late_fusion_is_warm_started_from_the_covariates_only_fit():
 def fused_run(covariate_cohort):
     tmp, _, keys = covariate_cohort
     fast = ["model.args={hidden_dim: 32}", "cv.folds=3", "cv.bootstrap=50", "train.max_epochs=3", "train.min_epochs=1",
+            "train.min_steps=0", "train.warmup_steps=0",
             "train.batch_size=4", "train.bag_size=16", "train.lr=3e-3", "train.precision=32-true",
             "trainer.accelerator=cpu", "trainer.enable_progress_bar=false", "trainer.logger=none"]
     out = run_crossval(load_config([*keys, *fast, *COVARIATES, "cv.ablation=true", f"output_dir={tmp / 'cv'}"]))
