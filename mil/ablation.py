@@ -61,7 +61,9 @@ def covariate_outputs(model: torch.nn.Module, x: torch.Tensor) -> np.ndarray:
 def run_ablation_fold(
     cfg: DictConfig, cohort: Cohort, task: Task, fold: Fold, fold_dir: Path, seed: int, train_one: Callable
 ) -> None:
-    """Train and predict the slide-only and covariates-only arms of one fold (kept when finished).
+    """Train and predict the slide-only and covariates-only arms of one fold.
+
+    Called whenever the fold itself is (re)computed, so the arms always match its data.
 
     ``train_one`` is :func:`mil.crossval` 's training of one model (the fused arm's own recipe).
     Runs on every process of a distributed run (training needs them all); only the main one writes.
@@ -69,31 +71,30 @@ def run_ablation_fold(
     test_bags = cohort.subset(set(fold.test))
     device = resolve_device(cfg.trainer.accelerator)
     arm_dir = fold_dir / "ablation" / "slide_only"
-    if not (arm_dir / "predictions.csv").is_file():
-        slide_cfg = cfg.copy()
-        slide_cfg.cohort.covariates.numeric, slide_cfg.cohort.covariates.categorical = [], []
-        logger.info("%s ablation: slide-only model", fold.name)
-        model, summary, _ = train_one(slide_cfg, cohort, task, fold.train, fold.val, arm_dir, seed, f"{fold.name} slide-only")
-        if not is_main_process():
-            return
-        save_weights(model, arm_dir / "model.safetensors")
-        outputs = predict_outputs(model, test_bags, cfg.train.eval_batch_size, device, cfg.train.precision)
-        write_json(arm_dir / "summary.json", summary)
-        _write_csv(fold_frame(cfg, task, fold, test_bags, task.predictions(outputs)), arm_dir / "predictions.csv")
+    slide_cfg = cfg.copy()
+    slide_cfg.cohort.covariates.numeric, slide_cfg.cohort.covariates.categorical = [], []
+    logger.info("%s ablation: slide-only model", fold.name)
+    model, summary, _ = train_one(slide_cfg, cohort, task, fold.train, fold.val, arm_dir, seed, f"{fold.name} slide-only")
+    if not is_main_process():
+        return
+    save_weights(model, arm_dir / "model.safetensors")
+    outputs = predict_outputs(model, test_bags, cfg.train.eval_batch_size, device, cfg.train.precision)
+    write_json(arm_dir / "summary.json", summary)
+    _write_csv(fold_frame(cfg, task, fold, test_bags, task.predictions(outputs)), arm_dir / "predictions.csv")
+
     arm_dir = fold_dir / "ablation" / "covariates_only"
-    if is_main_process() and not (arm_dir / "predictions.csv").is_file():
-        logger.info("%s ablation: covariates-only linear model", fold.name)
-        train_bags, val_bags = cohort.subset(set(fold.train)), cohort.subset(set(fold.val))
-        covs = fit_fold(cohort.covariates, train_bags, val_bags, cfg.cohort.covariates.unseen_category, fold.name)
-        x_test, _ = encode_split(covs.encoder, cohort.covariates, test_bags, f"{fold.name}, test")
-        x_train = torch.from_numpy(covs.train)
-        model = fit_covariates_only(task, x_train, task.encode(train_bags), cfg.train.weight_decay)
-        if task.calibrates:  # e.g. survival: centre the risk on the training patients' median
-            task.calibrate(model, covariate_outputs(model, x_train))
-        save_weights(model, arm_dir / "model.safetensors")
-        covs.encoder.save(encoder_path(arm_dir / "model.safetensors"))
-        outputs = covariate_outputs(model, torch.from_numpy(x_test))
-        _write_csv(fold_frame(cfg, task, fold, test_bags, task.predictions(outputs)), arm_dir / "predictions.csv")
+    logger.info("%s ablation: covariates-only linear model", fold.name)
+    train_bags, val_bags = cohort.subset(set(fold.train)), cohort.subset(set(fold.val))
+    covs = fit_fold(cohort.covariates, train_bags, val_bags, cfg.cohort.covariates.unseen_category, fold.name)
+    x_test, _ = encode_split(covs.encoder, cohort.covariates, test_bags, f"{fold.name}, test")
+    x_train = torch.from_numpy(covs.train)
+    model = fit_covariates_only(task, x_train, task.encode(train_bags), cfg.train.weight_decay)
+    if task.calibrates:  # e.g. survival: centre the risk on the training patients' median
+        task.calibrate(model, covariate_outputs(model, x_train))
+    save_weights(model, arm_dir / "model.safetensors")
+    covs.encoder.save(encoder_path(arm_dir / "model.safetensors"))
+    outputs = covariate_outputs(model, torch.from_numpy(x_test))
+    _write_csv(fold_frame(cfg, task, fold, test_bags, task.predictions(outputs)), arm_dir / "predictions.csv")
 
 
 # ---------------------------------------------------------------- the comparison
