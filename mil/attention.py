@@ -33,6 +33,7 @@ from omegaconf import DictConfig
 from mil.bags import BagError, read_bag_info, read_features, read_tile_geometry
 from mil.cohort import Bag, load_cohort, read_table
 from mil.config import ConfigError
+from mil.covariates import model_covariates, read_covariates
 from mil.crossval import load_run_model
 from mil.inference import resolve_device
 from mil.models import MODELS, create_model
@@ -71,18 +72,21 @@ def attention_models() -> list[str]:
 
 @torch.inference_mode()
 def ensemble_attention(
-    models: list[torch.nn.Module], features: torch.Tensor, class_index: int | None = None, softmax: bool = True
+    models: list[torch.nn.Module], features: torch.Tensor, class_index: int | None = None, softmax: bool = True,
+    covariates: list[torch.Tensor | None] | None = None,
 ) -> tuple[np.ndarray, np.ndarray, int | None]:
     """One bag [N, D] through every model: attention [N] averaged over models, mean outputs [C], class row used.
 
     Per-output maps [C, N] use row ``class_index``, else (``softmax``: the outputs are class logits)
     the class with the highest mean probability, else (other tasks) the mean over outputs;
     the returned row is None when no single row was chosen. Outputs are probabilities when
-    ``softmax``, raw otherwise.
+    ``softmax``, raw otherwise. ``covariates``: per model, the bag's encoded covariates [C] (None for
+    a model trained without); they change the outputs, never the attention.
     """
     logits, maps = [], []
-    for model in models:
-        out = model(features[None])
+    for i, model in enumerate(models):
+        x = covariates[i] if covariates is not None else None
+        out = model(features[None]) if x is None else model(features[None], covariates=x[None])
         if out.attention is None:
             raise HeatmapError(f"{type(model).__name__} returned no attention")
         logits.append(out.logits[0].float())
@@ -132,7 +136,9 @@ def slide_attention(run: Run, cfg: DictConfig, slide_ids: list[str], target_clas
     models = [load_run_model(run.path, w).to(device).eval() for w in run.weights.values()]
     in_dim = int(run.meta.in_dim)
     with torch.inference_mode():
-        probe = models[0](torch.zeros(1, 2, in_dim, device=device))
+        encoder = getattr(models[0], "covariate_encoder", None)
+        probe_kwargs = {"covariates": torch.zeros(1, encoder.dim, device=device)} if encoder is not None else {}
+        probe = models[0](torch.zeros(1, 2, in_dim, device=device), **probe_kwargs)
     if probe.attention is None:
         raise HeatmapError(
             f"model {run.config.model.name!r} of run {run.path} exposes no per-tile attention "
@@ -148,6 +154,7 @@ def slide_attention(run: Run, cfg: DictConfig, slide_ids: list[str], target_clas
 
     cohort = load_cohort(cfg.cohort, require_labels=False, columns=[])  # labels are not needed
     check_compatible(run, cohort)
+    raw_covariates = read_covariates(cfg.cohort, cohort.bags, context=f" (the run {run.path} was trained with them)")
     by_slide = {sid: bag for bag in cohort.bags for sid in bag.slide_ids}
     unknown = [s for s in slide_ids if s not in by_slide]
     if unknown:
@@ -161,7 +168,9 @@ def slide_attention(run: Run, cfg: DictConfig, slide_ids: list[str], target_clas
     for bag in bags.values():
         parts = [read_features(p) for p in bag.paths]
         x = torch.from_numpy(np.concatenate(parts)).float().to(device)
-        att, probs, used = ensemble_attention(models, x, class_index, softmax=bool(classes))
+        covariates = [model_covariates(m, raw_covariates, [bag], f"{run.path} model {i}") for i, m in enumerate(models)]
+        covariates = [None if c is None else torch.from_numpy(c[0]).to(device) for c in covariates]
+        att, probs, used = ensemble_attention(models, x, class_index, softmax=bool(classes), covariates=covariates)
         prob_dict = {c: float(p) for c, p in zip(classes, probs, strict=True)} if len(probs) == len(classes) else {}
         start = 0
         for sid, path, part in zip(bag.slide_ids, bag.paths, parts, strict=True):

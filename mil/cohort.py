@@ -12,6 +12,7 @@ import difflib
 import logging
 from dataclasses import dataclass, field, replace
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pandas as pd
@@ -72,6 +73,7 @@ class Cohort:
     skipped: pd.DataFrame = field(default_factory=lambda: pd.DataFrame(columns=["kind", "id", "reason"]))
     columns: list[LabelColumn] = field(default_factory=list)  # label columns, classes resolved
     unknown_labels: dict[str, dict[str, int]] = field(default_factory=dict)  # column -> {value outside classes: count}
+    covariates: Any = None  # mil.covariates.RawCovariates when cohort.covariates names columns (set by the runs)
 
     @property
     def patient_ids(self) -> np.ndarray:

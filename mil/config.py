@@ -30,6 +30,13 @@ class ConfigError(ValueError):
 
 
 @dataclass
+class CovariatesConfig:
+    numeric: list[str] = field(default_factory=list)  # clinical columns standardised with training-fold statistics
+    categorical: list[str] = field(default_factory=list)  # one-hot over the training fold's categories
+    unseen_category: str = "error"  # category not seen in training: "error", or "other" (all-zero one-hot)
+
+
+@dataclass
 class CohortConfig:
     clinical_csv: str | None = None  # one row per patient: patient id + label columns
     slide_csv: str | None = None  # patient id + slide id (+ slide-level labels, optional mpp)
@@ -42,12 +49,14 @@ class CohortConfig:
     # What bags from other tools do not record (encoder, encoder_weights, embedding, mpp, tile_px), e.g.
     # {encoder: uni2-h, mpp: 0.5, tile_px: 224}; a bag that records another value is an error
     bag_identity: dict[str, Any] = field(default_factory=dict)
+    covariates: CovariatesConfig = field(default_factory=CovariatesConfig)  # fused with the slide (model.fusion)
 
 
 @dataclass
 class ModelConfig:
     name: str = "gated_abmil"
     args: dict[str, Any] = field(default_factory=dict)  # passed to the model's constructor
+    fusion: str = "late"  # with cohort.covariates: "late" (concatenate before the head) or "film" (Perez et al. 2018)
 
 
 @dataclass
@@ -58,6 +67,7 @@ class CVConfig:
     split_file: str | None = None  # reuse a splits.yaml exactly
     val_fraction: float = 0.2  # inner validation split of each training fold (early stopping)
     bootstrap: int = 1000  # resamples for the 95% confidence intervals of pooled metrics
+    ablation: bool = False  # with cohort.covariates: also train slide-only and covariates-only models on the same folds
 
 
 @dataclass

@@ -28,6 +28,8 @@ from mil import __version__
 from mil.bags import read_bag_info
 from mil.cohort import Bag, Cohort, load_cohort
 from mil.config import ConfigError, load_config, require, save_config
+from mil.covariates import CovariateEncoder, configured, encode_split, encoder_path, fit_fold, read_covariates
+from mil.fusion import CovariateFusion, warm_start_late_fusion
 from mil.inference import load_weights, predict_outputs, resolve_device, save_weights
 from mil.io import atomic_path, write_json, write_text
 from mil.jobs import LAUNCHER_KEYS, fold_job, pooled_is_current, run_lock, select_folds
@@ -100,6 +102,9 @@ def prepare_run(cfg: DictConfig, kind: str) -> tuple[Path, Cohort, Task]:
     out = Path(cfg.output_dir)
     _check_resumable(cfg, out)
     cohort = load_cohort(cfg.cohort, columns=cls.label_columns(cfg))
+    cohort.covariates = read_covariates(cfg.cohort, cohort.bags)
+    if cfg.cv.ablation and cohort.covariates is None:
+        raise ConfigError("cv.ablation=true compares slide, covariates and both: name cohort.covariates.numeric/categorical")
     task = cls(cohort.columns, cfg)
     if is_main_process():
         out.mkdir(parents=True, exist_ok=True)
@@ -131,9 +136,12 @@ def extraction_settings(cohort: Cohort) -> dict[str, Any]:
     return {k: attrs[k] for k in EXTRACTION_ATTRS if k in attrs}
 
 
-def build_model(cfg: DictConfig, in_dim: int, n_outputs: int) -> torch.nn.Module:
-    """The configured aggregator, wrapped in :class:`Standardized` when ``train.standardize``."""
+def build_model(cfg: DictConfig, in_dim: int, n_outputs: int, n_covariates: int = 0) -> torch.nn.Module:
+    """The configured aggregator, fused with ``n_covariates`` encoded covariates (``model.fusion``)
+    when there are any, and wrapped in :class:`Standardized` when ``train.standardize``."""
     model = create_model(cfg.model.name, in_dim, n_outputs, **OmegaConf.to_container(cfg.model.args))
+    if n_covariates:
+        model = CovariateFusion(model, n_covariates, cfg.model.fusion)
     return Standardized(model, in_dim) if cfg.train.standardize else model
 
 
@@ -160,43 +168,70 @@ def _write_csv(df: pd.DataFrame, path: Path) -> None:
 
 def _train_one(
     cfg: DictConfig, cohort: Cohort, task: Task, train: list[str], val: list[str], out_dir: Path, seed: int, what: str
-) -> tuple[torch.nn.Module, dict[str, Any]]:
+) -> tuple[torch.nn.Module, dict[str, Any], CovariateEncoder | None]:
+    """Train one model; returns it, a summary and the covariate encoder fitted on ``train`` (None without covariates)."""
     train_bags, val_bags = cohort.subset(set(train)), cohort.subset(set(val))
     for name, bags in (("training", train_bags), ("validation", val_bags)):
         task.check_split(bags, f"the {name} split of {what}", training=name == "training")
+    covs = (fit_fold(cohort.covariates, train_bags, val_bags, cfg.cohort.covariates.unseen_category, what)
+            if configured(cfg.cohort) else None)  # training patients only, like the feature statistics
     L.seed_everything(seed, workers=True, verbose=False)  # the initial weights too, not only training
-    model = build_model(cfg, cohort.dim, task.n_outputs)
+    model = build_model(cfg, cohort.dim, task.n_outputs, covs.encoder.dim if covs else 0)
     if isinstance(model, Standardized):
         model.fit(train_bags)  # training patients only: val and test stay unseen
     train_targets = task.encode(train_bags)
+    x_train, x_val = (torch.from_numpy(covs.train), torch.from_numpy(covs.val)) if covs else (None, None)
+    if covs:  # late fusion starts from the covariates-only linear model of these training patients
+        warm_start_late_fusion(model, task, x_train, train_targets, cfg.train.weight_decay)
     model, summary = fit(
         cfg, task.wrap(model, train_targets), task, train_bags, train_targets, val_bags, task.encode(val_bags),
-        out_dir, seed,
+        out_dir, seed, train_covariates=x_train, val_covariates=x_val,
     )
     if task.calibrates:  # e.g. survival: centre the risk on the training bags' median
         task.calibrate(model, predict_outputs(model, train_bags, cfg.train.eval_batch_size,
-                                              resolve_device(cfg.trainer.accelerator), cfg.train.precision))
-    return model, summary
+                                              resolve_device(cfg.trainer.accelerator), cfg.train.precision,
+                                              covariates=x_train))
+    if covs:
+        summary["covariates_imputed"] = covs.imputed
+    return model, summary, covs.encoder if covs else None
+
+
+def fold_frame(cfg: DictConfig, task: Task, fold: Fold, bags: list[Bag], columns: dict[str, np.ndarray]) -> pd.DataFrame:
+    """:func:`predictions_frame` of a fold's test bags, with its ``fold`` (and ``repeat``) column."""
+    df = predictions_frame(cfg, task, bags, columns)
+    df.insert(len(id_columns(cfg)), "fold", fold.name)
+    if cfg.cv.repeats > 1:
+        df.insert(len(id_columns(cfg)) + 1, "repeat", fold.repeat)
+    return df
 
 
 def run_fold(cfg: DictConfig, cohort: Cohort, fold: Fold, fold_dir: Path, seed: int) -> pd.DataFrame | None:
     """Train on ``fold.train``, select on ``fold.val``; only then predict ``fold.test``."""
     task = create_task(cfg, cohort.columns)
-    model, summary = _train_one(cfg, cohort, task, fold.train, fold.val, fold_dir, seed, fold.name)
+    model, summary, encoder = _train_one(cfg, cohort, task, fold.train, fold.val, fold_dir, seed, fold.name)
+    if cfg.cv.ablation:  # slide-only and covariates-only models of this fold, on every process (DDP)
+        from mil.ablation import run_ablation_fold
+
+        run_ablation_fold(cfg, cohort, task, fold, fold_dir, seed, _train_one)
     if not is_main_process():
         return None
     save_weights(model, fold_dir / "model.safetensors")
-    threshold = validation_threshold(task, model, cohort.subset(set(fold.val)), cfg)  # before the test fold is read
-    test_bags = cohort.subset(set(fold.test))
+    val_bags, test_bags = cohort.subset(set(fold.val)), cohort.subset(set(fold.test))
+    x_val = x_test = None
+    if encoder is not None:
+        encoder.save(encoder_path(fold_dir / "model.safetensors"))
+        x_val, _ = encode_split(encoder, cohort.covariates, val_bags, f"{fold.name}, validation")
+    threshold = validation_threshold(task, model, val_bags, cfg, covariates=x_val)  # before the test fold is read
+    if encoder is not None:
+        x_test, summary.setdefault("covariates_imputed", {})["test"] = encode_split(encoder, cohort.covariates, test_bags, f"{fold.name}, test")
     outputs = predict_outputs(
-        model, test_bags, cfg.train.eval_batch_size, resolve_device(cfg.trainer.accelerator), cfg.train.precision
+        model, test_bags, cfg.train.eval_batch_size, resolve_device(cfg.trainer.accelerator), cfg.train.precision,
+        covariates=x_test,
     )
     columns = task.predictions(outputs)
-    df = predictions_frame(cfg, task, test_bags, {**columns, **task.calls(columns, threshold)})
-    df.insert(len(id_columns(cfg)), "fold", fold.name)
-    if cfg.cv.repeats > 1:
-        df.insert(len(id_columns(cfg)) + 1, "repeat", fold.repeat)
-    write_slide_predictions(cfg, task, test_bags, [model], fold_dir / "slide_predictions.csv", fold=fold.name)
+    df = fold_frame(cfg, task, fold, test_bags, {**columns, **task.calls(columns, threshold)})
+    write_slide_predictions(cfg, task, test_bags, [model], fold_dir / "slide_predictions.csv",
+                            covariates=None if x_test is None else [x_test], fold=fold.name)
     write_json(fold_dir / "summary.json", {**summary, "n_train": len(fold.train), "n_val": len(fold.val), "n_test": len(fold.test),
                                            "threshold": threshold})
     write_record(fold_dir, fold_record(cohort, fold))
@@ -340,6 +375,10 @@ def pool_results(cfg: DictConfig, out: Path, cohort: Cohort, task: Task, folds: 
         result = write_report(predictions, task.columns[0].name, cohort.classes, out, id_columns(cfg),
                               n_boot=cfg.cv.bootstrap, seed=cfg.cv.seed, task=task)
         append_training_health(out, [f.name for f in folds])
+        if cfg.cv.ablation:  # slide-only and covariates-only arms beside the fused model (mil.ablation)
+            from mil.ablation import report_ablation
+
+            report_ablation(cfg, task, out, folds, predictions)
     logger.info("%s; results in %s", task.headline(result), out)
     return True
 
@@ -384,9 +423,14 @@ def run_train(cfg: DictConfig) -> Path:
     check_bags_finite(cohort, out)
     if is_main_process():
         save_splits([Fold("final", 0, 0, train, val, [])], out / "splits.yaml")
-    model, summary = _train_one(cfg, cohort, task, train, val, out, cfg.train.seed, "the final model")
+    model, summary, encoder = _train_one(cfg, cohort, task, train, val, out, cfg.train.seed, "the final model")
     if is_main_process():
-        threshold = validation_threshold(task, model, cohort.subset(set(val)), cfg)
+        val_bags = cohort.subset(set(val))
+        x_val = None
+        if encoder is not None:
+            encoder.save(encoder_path(weights))
+            x_val, _ = encode_split(encoder, cohort.covariates, val_bags, "the final model, validation")
+        threshold = validation_threshold(task, model, val_bags, cfg, covariates=x_val)
         record_in_run(out, cfg, task, {"model": threshold})
         write_json(out / "summary.json", {**summary, "n_train": len(train), "n_val": len(val), "threshold": threshold})
         write_record(out, record)
@@ -395,9 +439,16 @@ def run_train(cfg: DictConfig) -> Path:
 
 
 def load_run_model(run_dir: str | Path, weights: str | Path) -> torch.nn.Module:
-    """Rebuild a run's network from its ``config.yaml`` / ``run.yaml`` and load ``weights``."""
+    """Rebuild a run's network from its ``config.yaml`` / ``run.yaml`` and load ``weights``.
+
+    A run trained with covariates gets its fold's encoder as ``model.covariate_encoder``
+    (:class:`~mil.covariates.CovariateEncoder`, from ``covariates.json`` beside the weights); else None.
+    """
     run_dir = Path(run_dir)
     cfg = load_config(base=OmegaConf.load(run_dir / "config.yaml"))
     meta = OmegaConf.load(run_dir / "run.yaml")
     task = task_from_meta(meta, cfg)
-    return load_weights(task.wrap(build_model(cfg, int(meta.in_dim), task.n_outputs)), weights)
+    encoder = CovariateEncoder.load(encoder_path(weights)) if configured(cfg.cohort) else None
+    model = load_weights(task.wrap(build_model(cfg, int(meta.in_dim), task.n_outputs, encoder.dim if encoder else 0)), weights)
+    model.covariate_encoder = encoder
+    return model

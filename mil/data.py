@@ -24,14 +24,15 @@ def _as_tensor(x: np.ndarray) -> torch.Tensor:
 
 
 class BagDataset(Dataset):
-    """Yields ``{"features": [n, D], "target": ..., "index": i}`` per bag.
+    """Yields ``{"features": [n, D], "target": ..., "index": i}`` per bag (+ ``"covariates"`` [C]).
 
     Features keep float16 when stored so (half the memory of collated batches); other
     dtypes (float32 bags of imported low-dimensional features) become float32, unrounded.
     A patient-level bag concatenates its slides. With ``bag_size`` set, a fresh random
     subset of that many tiles is drawn on every access (so every epoch sees other tiles);
     the draw uses torch's RNG, which Lightning seeds per run and per worker. Bags are
-    cached in memory up to ``cache_bytes`` (0 disables the cache).
+    cached in memory up to ``cache_bytes`` (0 disables the cache). ``covariates`` [n_bags, C]
+    are a bag's encoded clinical covariates (:mod:`mil.covariates`), batched as [B, C].
     """
 
     def __init__(
@@ -40,6 +41,7 @@ class BagDataset(Dataset):
         targets: torch.Tensor | None = None,
         bag_size: int | None = None,
         cache_bytes: int = DEFAULT_CACHE_BYTES,
+        covariates: torch.Tensor | None = None,
     ) -> None:
         self.bags = list(bags)
         self.targets = targets
@@ -50,6 +52,9 @@ class BagDataset(Dataset):
         self._row_bytes: float | None = None  # learnt from the first bag read
         if targets is not None and len(targets) != len(self.bags):
             raise ValueError(f"{len(targets)} targets for {len(self.bags)} bags")
+        self.covariates = covariates
+        if covariates is not None and len(covariates) != len(self.bags):
+            raise ValueError(f"{len(covariates)} covariate rows for {len(self.bags)} bags")
 
     def _read(self, i: int) -> torch.Tensor:
         x = self._cache.get(i)
@@ -85,6 +90,8 @@ class BagDataset(Dataset):
         item: dict[str, torch.Tensor | int] = {"features": x, "index": i}
         if self.targets is not None:
             item["target"] = self.targets[i]
+        if self.covariates is not None:
+            item["covariates"] = self.covariates[i]
         return item
 
 
@@ -104,6 +111,8 @@ def collate_bags(items: list[dict]) -> dict[str, torch.Tensor]:
     batch = {"features": features, "mask": mask, "index": torch.tensor([it["index"] for it in items])}
     if "target" in items[0]:
         batch["target"] = torch.stack([torch.as_tensor(it["target"]) for it in items])
+    if "covariates" in items[0]:
+        batch["covariates"] = torch.stack([it["covariates"] for it in items])  # [B, C]
     return batch
 
 

@@ -43,8 +43,11 @@ def predict_outputs(
     device: torch.device | str = "cpu",
     precision: str = "32-true",
     num_workers: int = 0,
+    covariates: torch.Tensor | np.ndarray | None = None,
 ) -> np.ndarray:
     """Raw outputs [n_bags, n_outputs] (float32) of full bags, in the order of ``bags``.
+
+    ``covariates`` [n_bags, C]: the bags' encoded clinical covariates, for a model that fuses them.
 
     Tasks turn them into prediction columns (:meth:`mil.tasks.Task.predictions`).
     """
@@ -53,11 +56,14 @@ def predict_outputs(
     autocast = (
         torch.autocast(device.type, dtype=torch.bfloat16) if precision.startswith("bf16") else contextlib.nullcontext()
     )
-    loader = make_loader(BagDataset(bags), batch_size, shuffle=False, num_workers=num_workers)
+    if covariates is not None:
+        covariates = torch.as_tensor(covariates, dtype=torch.float32)
+    loader = make_loader(BagDataset(bags, covariates=covariates), batch_size, shuffle=False, num_workers=num_workers)
     out = []
     for batch in loader:
+        extra = {"covariates": batch["covariates"].to(device)} if "covariates" in batch else {}
         with autocast:
-            logits = model(batch["features"].to(device).float(), batch["mask"].to(device)).logits
+            logits = model(batch["features"].to(device).float(), batch["mask"].to(device), **extra).logits
         out.append(logits.float().cpu())
     return torch.cat(out).numpy()
 

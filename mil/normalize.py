@@ -43,5 +43,5 @@ class Standardized(nn.Module):
         self.std.copy_(torch.from_numpy(np.where(std > 1e-8, std, 1.0)))
         return self
 
-    def forward(self, features: torch.Tensor, mask: torch.Tensor | None = None):
-        return self.model((features - self.mean) / self.std, mask)
+    def forward(self, features: torch.Tensor, mask: torch.Tensor | None = None, **kwargs):
+        return self.model((features - self.mean) / self.std, mask, **kwargs)  # kwargs: e.g. covariates

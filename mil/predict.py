@@ -20,6 +20,7 @@ from omegaconf import DictConfig, OmegaConf
 from mil.bags import UNKNOWN, identity_value
 from mil.cohort import Cohort, LabelColumn, load_cohort
 from mil.config import ConfigError, load_config
+from mil.covariates import model_covariates, read_covariates
 from mil.crossval import id_columns, is_main_process, load_run_model, predictions_frame
 from mil.inference import predict_outputs, resolve_device
 from mil.io import atomic_path, write_text
@@ -166,11 +167,15 @@ def run_predict(run_dir: str | Path, overrides: list[str]) -> Path:
     # labels outside the trained classes (e.g. MSI-L for an MSS/MSI-H model): predicted, left out of the metrics
     cohort = load_cohort(cfg.cohort, require_labels=False, columns=columns, unknown_labels="ignore")
     check_compatible(run, cohort)
+    raw_covariates = read_covariates(cfg.cohort, cohort.bags, context=f" (the run {run.path} was trained with them)")
     device = resolve_device(cfg.trainer.accelerator)
     per_model: dict[str, dict[str, np.ndarray]] = {}
-    models = {name: load_run_model(run.path, path) for name, path in run.weights.items()}
-    for name, model in models.items():
-        outputs = predict_outputs(model, cohort.bags, cfg.train.eval_batch_size, device, cfg.train.precision)
+    models, model_covs = {}, {}
+    for name, path in run.weights.items():
+        model = models[name] = load_run_model(run.path, path)
+        covariates = model_covs[name] = model_covariates(model, raw_covariates, cohort.bags, f"{run.path} {name}")
+        outputs = predict_outputs(model, cohort.bags, cfg.train.eval_batch_size, device, cfg.train.precision,
+                                  covariates=covariates)
         per_model[name] = task.predictions(outputs)
         logger.info("%s: predicted %d bags", name, len(cohort.bags))
     ensemble = {c: np.mean([p[c] for p in per_model.values()], axis=0) for c in task.prediction_names}
@@ -185,7 +190,8 @@ def run_predict(run_dir: str | Path, overrides: list[str]) -> Path:
     out.mkdir(parents=True, exist_ok=True)
     with atomic_path(out / "predictions.csv") as tmp:
         df.to_csv(tmp, index=False)
-    write_slide_predictions(cfg, task, cohort.bags, list(models.values()), out / "slide_predictions.csv")
+    write_slide_predictions(cfg, task, cohort.bags, list(models.values()), out / "slide_predictions.csv",
+                            covariates=[model_covs[name] for name in models])
     meta = {"kind": "predict", "run": str(run.path), **task.metadata(), "models": list(run.weights),
             **({"thresholds": task.thresholds} if task.thresholds else {}),
             "bootstrap": {"n": cfg.cv.bootstrap, "seed": cfg.cv.seed}}

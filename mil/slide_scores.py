@@ -34,12 +34,20 @@ def slide_bags(bags: list[Bag]) -> list[Bag]:
             for b in bags for sid, path in zip(b.slide_ids, b.paths, strict=True)]
 
 
-def slide_table(cfg: DictConfig, task, bags: list[Bag], models: list[nn.Module]) -> pd.DataFrame:
-    """Each slide of ``bags`` through each of ``models`` (prediction columns averaged over them)."""
+def slide_table(cfg: DictConfig, task, bags: list[Bag], models: list[nn.Module],
+                covariates: list[np.ndarray | None] | None = None) -> pd.DataFrame:
+    """Each slide of ``bags`` through each of ``models`` (prediction columns averaged over them).
+
+    ``covariates``: per model, the bags' encoded clinical covariates [n_bags, C] (None for a
+    model without them); each slide gets its patient's row.
+    """
     slides = slide_bags(bags)
     device = resolve_device(cfg.trainer.accelerator)
-    per_model = [task.predictions(predict_outputs(m, slides, cfg.train.eval_batch_size, device, cfg.train.precision))
-                 for m in models]
+    per_slide = np.repeat(np.arange(len(bags)), [len(b.slide_ids) for b in bags])  # slide -> its bag's row
+    covariates = covariates or [None] * len(models)
+    per_model = [task.predictions(predict_outputs(m, slides, cfg.train.eval_batch_size, device, cfg.train.precision,
+                                                  covariates=None if x is None else np.asarray(x)[per_slide]))
+                 for m, x in zip(models, covariates, strict=True)]
     columns = {c: np.mean([p[c] for p in per_model], axis=0) for c in per_model[0]}
     df = pd.DataFrame({cfg.cohort.patient_column: [b.patient_id for b in slides],
                        cfg.cohort.slide_column: [b.slide_ids[0] for b in slides]})
@@ -49,11 +57,14 @@ def slide_table(cfg: DictConfig, task, bags: list[Bag], models: list[nn.Module])
 
 
 def write_slide_predictions(cfg: DictConfig, task, bags: list[Bag], models: list[nn.Module], path: Path,
-                            **extra: str) -> pd.DataFrame | None:
-    """Write ``path`` (``slide_predictions.csv``) for patient-level runs; ``extra`` columns (e.g. fold) first."""
+                            covariates: list[np.ndarray | None] | None = None, **extra: str) -> pd.DataFrame | None:
+    """Write ``path`` (``slide_predictions.csv``) for patient-level runs; ``extra`` columns (e.g. fold) first.
+
+    ``covariates``: as in :func:`slide_table`.
+    """
     if cfg.cohort.bag_level != "patient" or not bags:
         return None
-    df = slide_table(cfg, task, bags, models)
+    df = slide_table(cfg, task, bags, models, covariates)
     for i, (name, value) in enumerate(extra.items()):
         df.insert(2 + i, name, value)
     with atomic_path(path) as tmp:

@@ -117,17 +117,18 @@ def threshold_record(rule: ThresholdRule, per_model: dict[str, float], classes: 
     return record
 
 
-def validation_threshold(task: Any, model: Any, val_bags: list, cfg: DictConfig) -> float | None:
+def validation_threshold(task: Any, model: Any, val_bags: list, cfg: DictConfig, covariates: Any = None) -> float | None:
     """``task``'s threshold chosen on the trained ``model``'s predictions of the validation bags.
 
-    Called after training and before the test fold is read, so the test fold plays no part.
+    ``covariates`` [n_val, C]: the validation bags' encoded clinical covariates, for a model that
+    fuses them. Called after training and before the test fold is read, so the test fold plays no part.
     """
     from mil.inference import predict_outputs, resolve_device
 
     if not task.has_threshold:
         return None
     outputs = predict_outputs(model, val_bags, cfg.train.eval_batch_size, resolve_device(cfg.trainer.accelerator),
-                              cfg.train.precision)
+                              cfg.train.precision, covariates=covariates)
     threshold = task.choose_threshold(val_bags, outputs)
     logger.info("threshold %.4f (%s, %d validation bags)", threshold, ThresholdRule.from_config(cfg).describe(),
                 len(val_bags))

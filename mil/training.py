@@ -75,12 +75,14 @@ class MILModule(L.LightningModule):
         self.val_metrics = task.make_metrics()
         self.val_loss = MeanMetric()
 
-    def forward(self, features: torch.Tensor, mask: torch.Tensor):
-        return self.model(features.float(), mask)
+    def forward(self, features: torch.Tensor, mask: torch.Tensor, covariates: torch.Tensor | None = None):
+        if covariates is None:
+            return self.model(features.float(), mask)
+        return self.model(features.float(), mask, covariates=covariates.float())
 
     def compute_loss(self, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
         """The task loss (+ auxiliary loss in training) and the float logits of a batch."""
-        out = self(batch["features"], batch["mask"])
+        out = self(batch["features"], batch["mask"], batch.get("covariates"))
         logits, y = out.logits.float(), batch["target"]
         loss = self.loss(logits, y)
         if self.aux_loss is not None and self.training:
@@ -267,9 +269,12 @@ def fit(
     val_targets: torch.Tensor,
     out_dir: Path,
     seed: int,
+    train_covariates: torch.Tensor | None = None,
+    val_covariates: torch.Tensor | None = None,
 ) -> tuple[nn.Module, dict[str, Any]]:
     """Train ``model`` on the training bags for ``task``, choosing the epoch on the validation bags.
 
+    ``*_covariates`` [n_bags, C]: encoded clinical covariates, for a model that fuses them.
     Returns the network with the best epoch's weights and a summary of the run.
     """
     t = cfg.train
@@ -322,9 +327,11 @@ def fit(
         default_root_dir=str(out_dir),
     )
     train_loader = make_loader(
-        BagDataset(train_bags, train_targets, t.bag_size), t.batch_size, shuffle=True, num_workers=t.num_workers
+        BagDataset(train_bags, train_targets, t.bag_size, covariates=train_covariates), t.batch_size, shuffle=True,
+        num_workers=t.num_workers,
     )
-    val_loader = make_loader(BagDataset(val_bags, val_targets), t.eval_batch_size, shuffle=False, num_workers=t.num_workers,
+    val_loader = make_loader(BagDataset(val_bags, val_targets, covariates=val_covariates), t.eval_batch_size, shuffle=False,
+                             num_workers=t.num_workers,
                              shard_across_processes=True)  # under DDP each validation bag counts once (issue 11)
     logger.info("training %d epochs of %d steps (%d bags, batch size %d); %s", epochs, steps_per_epoch,
                 len(train_bags), t.batch_size,

@@ -319,3 +319,16 @@ def test_model_options(name: str, kwargs: dict) -> None:
 def test_transmil_rejects_indivisible_width() -> None:
     with pytest.raises(ValueError, match="n_heads"):
         create_model("transmil", D, 2, hidden_dim=30, n_heads=8)
+
+
+@pytest.mark.parametrize("n_outputs", [1, 3])
+@pytest.mark.parametrize("name", NAMES)
+def test_pooled_embedding_and_head_contract(name: str, n_outputs: int) -> None:
+    """``MILOutput.embedding`` [B, embedding_dim] is what ``classify`` turns into the logits (the fusion hook)."""
+    model = make(name, n_outputs).eval()
+    x, mask = pad([torch.randn(n, D) for n in (7, 12, 3)])
+    out = model(x, mask)
+    assert out.embedding is not None and out.embedding.shape == (3, model.embedding_dim)
+    torch.testing.assert_close(model.classify(out.embedding), out.logits)
+    alone = model(x[2:, :3], None)  # padding does not reach the embedding
+    torch.testing.assert_close(alone.embedding, out.embedding[2:], atol=1e-4, rtol=1e-4)

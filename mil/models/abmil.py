@@ -41,15 +41,21 @@ class ABMIL(nn.Module):
         self.pool = AttentionPool(self.embed.out_dim, attn_dim, n_branches=1, gated=self.gated)
         self.head = nn.Linear(self.embed.out_dim, n_outputs)
         self.n_outputs = n_outputs
+        self.embedding_dim = self.embed.out_dim
+
+    def classify(self, embedding: torch.Tensor) -> torch.Tensor:
+        """[B, E] -> [B, C]."""
+        return self.head(embedding)
 
     def forward(self, features: torch.Tensor, mask: torch.Tensor | None = None) -> MILOutput:
         mask = check_inputs(features, mask)  # [B, N]
         B, N, _ = features.shape
         h = self.embed(features)  # [B, N, E]
         pooled, weights = self.pool(h, mask)  # [B, 1, E], [B, 1, N]
-        logits = self.head(pooled[:, 0])  # [B, C]
+        embedding = pooled[:, 0]  # [B, E]
+        logits = self.classify(embedding)  # [B, C]
         assert logits.shape == (B, self.n_outputs) and weights.shape == (B, 1, N)
-        return MILOutput(logits=logits, attention=weights[:, 0])  # attention [B, N]
+        return MILOutput(logits=logits, attention=weights[:, 0], embedding=embedding)  # attention [B, N]
 
 
 @MODELS.register("gated_abmil")

@@ -3,7 +3,11 @@
 Every aggregator is a plain ``nn.Module``: ``forward(features [B, N, D], mask [B, N])``
 returns a :class:`MILOutput`. ``mask`` is boolean, True for real tiles; padded rows must
 not change the output. Losses, metrics and training live elsewhere (``mil.training``).
-A registry entry may carry ``train_defaults`` (see :func:`model_train_defaults`).
+A registry entry may carry ``train_defaults`` (see :func:`model_train_defaults`). Every aggregator
+also has ``embedding_dim`` (the width E of ``MILOutput.embedding``) and
+``classify(embedding [B, E]) -> logits [B, C]``, its bag head, with
+``classify(out.embedding) == out.logits``: the shared hook through which covariates are fused
+(:mod:`mil.fusion`) without touching attention.
 """
 
 from __future__ import annotations
@@ -29,11 +33,14 @@ class MILOutput:
                output), zero at padded positions; ``None`` for models without one.
     aux:       extra tensors an auxiliary loss needs (see ``aux_loss`` on the model class),
                e.g. CLAM's instance logits or DSMIL's instance scores.
+    embedding: [B, E] the pooled bag embedding the model's head reads (per-class pooled vectors
+               flattened for CLAM-MB and DSMIL); ``logits == model.classify(embedding)``.
     """
 
     logits: torch.Tensor
     attention: torch.Tensor | None = None
     aux: dict[str, torch.Tensor] = field(default_factory=dict)
+    embedding: torch.Tensor | None = None
 
 
 def model_train_defaults(name: str) -> dict[str, Any]:

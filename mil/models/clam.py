@@ -59,6 +59,8 @@ class _CLAMBase(nn.Module):
         self.bag_classifier = self.build_bag_classifier(dim, n_outputs)
         self.instance_classifiers = GroupedLinear(n_outputs, dim, 2)
         self.n_outputs = n_outputs
+        self.n_branches = n_branches
+        self.embedding_dim = n_branches * dim
         self.aux_loss_kwargs: dict[str, Any] = {"k_sample": k_sample, "subtyping": subtyping}
 
     def build_bag_classifier(self, dim: int, n_outputs: int) -> nn.Module:
@@ -68,20 +70,25 @@ class _CLAMBase(nn.Module):
         """[B, K, E] -> [B, C]."""
         raise NotImplementedError
 
+    def classify(self, embedding: torch.Tensor) -> torch.Tensor:
+        """[B, K * E] (the K branches' pooled vectors, flattened) -> [B, C]."""
+        return self.bag_logits(embedding.view(len(embedding), self.n_branches, -1))
+
     def forward(self, features: torch.Tensor, mask: torch.Tensor | None = None) -> MILOutput:
         mask = check_inputs(features, mask)  # [B, N]
         B, N, _ = features.shape
         C = self.n_outputs
         h = self.embed(features)  # [B, N, E]
         pooled, weights = self.pool(h, mask)  # [B, K, E], [B, K, N]
-        logits = self.bag_logits(pooled)  # [B, C]
+        embedding = pooled.reshape(B, -1)  # [B, K * E]
+        logits = self.classify(embedding)  # [B, C]
         assert logits.shape == (B, C)
         instance_logits = self.instance_classifiers.forward_shared(h)  # [B, C, N, 2]
         assert instance_logits.shape == (B, C, N, 2)
         per_class = weights.expand(B, C, N)  # [B, C, N]
         attention = weights if self.multi_branch else weights[:, 0]  # [B, C, N] or [B, N]
         aux = {"instance_logits": instance_logits, "attention": per_class}
-        return MILOutput(logits=logits, attention=attention, aux=aux)
+        return MILOutput(logits=logits, attention=attention, aux=aux, embedding=embedding)
 
 
 @MODELS.register("clam_sb")

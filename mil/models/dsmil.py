@@ -77,8 +77,13 @@ class DSMIL(nn.Module):
         )
         self.bag_classifier = nn.Linear(n_outputs * dim, n_outputs)  # == Conv1d(C, C, kernel_size=E)
         self.n_outputs = n_outputs
+        self.embedding_dim = n_outputs * dim
         self.aux_loss_kwargs: dict[str, object] = {}
         self.scale = 1.0 / math.sqrt(q_dim)
+
+    def classify(self, embedding: torch.Tensor) -> torch.Tensor:
+        """[B, C * E] (the per-class bag vectors, flattened) -> [B, C]."""
+        return self.bag_classifier(embedding)
 
     def forward(self, features: torch.Tensor, mask: torch.Tensor | None = None) -> MILOutput:
         mask = check_inputs(features, mask)  # [B, N]
@@ -97,7 +102,8 @@ class DSMIL(nn.Module):
         attention = masked_softmax(sim, mask[:, None, :])  # [B, C, N]
         v = self.value(h)  # [B, N, E]
         bag = torch.bmm(attention.to(v.dtype), v)  # [B, C, E]
-        logits = self.bag_classifier(bag.reshape(B, C * E))  # [B, C]
+        embedding = bag.reshape(B, C * E)  # [B, C * E]
+        logits = self.classify(embedding)  # [B, C]
         assert logits.shape == (B, C) and attention.shape == (B, C, N)
         aux = {"instance_logits": instance_logits, "critical_index": critical}
-        return MILOutput(logits=logits, attention=attention, aux=aux)
+        return MILOutput(logits=logits, attention=attention, aux=aux, embedding=embedding)

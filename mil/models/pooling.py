@@ -29,14 +29,19 @@ class _PoolingMIL(nn.Module):
         self.embed = InstanceEmbedding(in_dim, embed_dims, hidden_dim, dropout)
         self.head = nn.Linear(self.embed.out_dim, n_outputs)
         self.n_outputs = n_outputs
+        self.embedding_dim = self.embed.out_dim
+
+    def classify(self, embedding: torch.Tensor) -> torch.Tensor:
+        """[B, E] -> [B, C]."""
+        return self.head(embedding)
 
     def forward(self, features: torch.Tensor, mask: torch.Tensor | None = None) -> MILOutput:
         mask = check_inputs(features, mask)  # [B, N]
         h = self.embed(features)  # [B, N, E]
         bag = self.pool(h, mask)  # [B, E]
-        logits = self.head(bag)  # [B, C]
+        logits = self.classify(bag)  # [B, C]
         assert logits.shape == (features.shape[0], self.n_outputs)
-        return MILOutput(logits=logits, attention=None)
+        return MILOutput(logits=logits, attention=None, embedding=bag)
 
 
 @MODELS.register("mean_pool")

@@ -124,9 +124,14 @@ class TransMIL(nn.Module):
         self.norm = nn.LayerNorm(dim)
         self.head = nn.Linear(dim, n_outputs)
         self.n_outputs = n_outputs
+        self.embedding_dim = dim
+
+    def classify(self, embedding: torch.Tensor) -> torch.Tensor:
+        """[B, E] (the normalised [CLS] token) -> [B, C]."""
+        return self.head(embedding)
 
     def forward_bags(self, tokens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Bags of equal size, their valid tokens only: [G, n, E] -> (logits [G, C], attention [G, n])."""
+        """Bags of equal size, their valid tokens only: [G, n, E] -> (normalised [CLS] embeddings [G, E], attention [G, n])."""
         G, n, _ = tokens.shape
         side = math.ceil(math.sqrt(n))
         extra = side * side - n  # < n for n >= 2, 0 for n == 1
@@ -135,17 +140,17 @@ class TransMIL(nn.Module):
         x, _ = self.layer1(x, cls_attention=False)
         x = self.ppeg(x, side)
         x, cls_attn = self.layer2(x)  # [G, 1 + S*S, E], [G, 1 + S*S]
-        logits = self.head(self.norm(x[:, 0]))  # [G, C]
+        embedding = self.norm(x[:, 0])  # [G, E]
         tile_attn = cls_attn[:, 1:]  # [G, S*S], drop [CLS] -> itself
         tile_attn = tile_attn[:, :n].index_add(1, torch.arange(extra, device=x.device), tile_attn[:, n:])  # [G, n]
-        return logits, tile_attn / tile_attn.sum(dim=1, keepdim=True)
+        return embedding, tile_attn / tile_attn.sum(dim=1, keepdim=True)
 
     def forward(self, features: torch.Tensor, mask: torch.Tensor | None = None) -> MILOutput:
         mask = check_inputs(features, mask)  # [B, N]
         B, N, _ = features.shape
         h = self.embed(features)  # [B, N, E]
         E = h.shape[-1]
-        logits = h.new_zeros(B, self.n_outputs)
+        embedding = h.new_zeros(B, E)
         attention = h.new_zeros(B, N, dtype=torch.float32)
         # A bag sees only its own valid tokens (padding must not change it); bags with the same
         # number of valid tiles (every bag of a training batch with tile sampling) share one pass.
@@ -153,8 +158,9 @@ class TransMIL(nn.Module):
         for n in counts.unique().tolist():
             rows = (counts == n).nonzero(as_tuple=True)[0]  # [G]
             tokens = h[rows][mask[rows]].view(len(rows), n, E)  # [G, n, E], tile order kept
-            group_logits, group_attn = self.forward_bags(tokens)
-            logits = logits.index_put((rows,), group_logits.to(logits.dtype))
+            group_embedding, group_attn = self.forward_bags(tokens)
+            embedding = embedding.index_put((rows,), group_embedding.to(embedding.dtype))
             attention[rows] = attention[rows].masked_scatter(mask[rows], group_attn.float())
+        logits = self.classify(embedding)  # [B, C]
         assert logits.shape == (B, self.n_outputs)
-        return MILOutput(logits=logits, attention=attention)
+        return MILOutput(logits=logits, attention=attention, embedding=embedding)

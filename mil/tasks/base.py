@@ -242,6 +242,6 @@ class OutputAffine(nn.Module):
         self.register_buffer("shift", torch.full((n_outputs,), float(shift)))
         self.register_buffer("scale", torch.full((n_outputs,), float(scale)))
 
-    def forward(self, features: torch.Tensor, mask: torch.Tensor | None = None) -> Any:
-        out = self.model(features, mask)
+    def forward(self, features: torch.Tensor, mask: torch.Tensor | None = None, **kwargs: Any) -> Any:
+        out = self.model(features, mask, **kwargs)  # kwargs: e.g. covariates
         return dataclasses.replace(out, logits=out.logits * self.scale + self.shift)
