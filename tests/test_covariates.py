@@ -8,10 +8,10 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
-from mil.heatmap import run_heatmap
 
 from mil.ablation import compare_arms, format_ablation
 from mil.cohort import Bag, LabelColumn
+from mil.commands.heatmap import run_heatmap
 from mil.config import ConfigError, load_config
 from mil.covariates import CovariateEncoder, CovariateError, RawCovariates, read_covariates
 from mil.crossval import load_run_model, run_crossval, run_train
@@ -273,6 +273,9 @@ def test_crossval_with_covariates_saves_encoders_and_ablation(fused_run):
         assert enc["feature_names"][:2] == ["age", "size_mm"] and "size_mm_missing" in enc["feature_names"]
         summary = json.loads((out / f"fold_{k}" / "summary.json").read_text())
         assert set(summary["covariates_imputed"]) == {"train", "val", "test"}
+        assert 0.0 <= summary["threshold"] <= 1.0  # chosen on the validation bags with their covariates
+        slides = pd.read_csv(out / f"fold_{k}" / "slide_predictions.csv")
+        assert slides["prob_MSI-H"].between(0, 1).all()  # each slide with its patient's covariates
         for arm in ("slide_only", "covariates_only"):
             assert (out / f"fold_{k}" / "ablation" / arm / "predictions.csv").is_file()
     imputed = sum(json.loads((out / f"fold_{k}" / "summary.json").read_text())["covariates_imputed"]["test"]["size_mm"]
@@ -297,6 +300,7 @@ def test_predict_reuses_the_encoders_and_refuses_missing_covariates(fused_run, c
     _, path, _ = covariate_cohort
     pred = run_predict(out, [*keys, f"output_dir={tmp_path / 'p'}"])
     assert len(pd.read_csv(pred / "predictions.csv")) == 30
+    assert (pred / "slide_predictions.csv").is_file()
     clinical = pd.read_csv(path).drop(columns=["stage"])
     clinical.to_csv(tmp_path / "nostage.csv", index=False)
     with pytest.raises(CovariateError, match=r"'stage' not found .*the run .* was trained with them"):
