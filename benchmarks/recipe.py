@@ -77,6 +77,8 @@ RECIPES: dict[str, list[str]] = {
     "grid:lr=5e-4": ["train.lr=5e-4"],
     "grid:lr=1e-3": ["train.lr=1e-3"],
     "grid:last": ["train.selection=last"],
+    "grid:steps=2000": ["train.min_steps=2000", "train.max_epochs=30"],  # the budget before 2026-11-30
+    "grid:hidden=128": ["model.args.hidden_dim=128"],  # ABMIL-family widths only
 }
 
 

@@ -73,8 +73,8 @@ class CVConfig:
 @dataclass
 class TrainConfig:
     # The budget: max_epochs, raised so that at least min_steps optimiser steps run (small cohorts).
-    max_epochs: int = 30
-    min_steps: int = 2000
+    max_epochs: int = 20
+    min_steps: int = 1000
     min_epochs: int = 5  # no early stop before this (with patience set)
     batch_size: int = 1  # bags per optimiser step
     bag_size: int | None = 512  # tiles sampled per bag in training (None: full bags)

@@ -38,7 +38,7 @@ class DemoSize:
 
 
 SIZES = {
-    "full": DemoSize(patients=40, external_patients=15, slide_px=(3072, 2304), tile_px=224, folds=5, max_epochs=30, min_steps=2000),
+    "full": DemoSize(patients=40, external_patients=15, slide_px=(3072, 2304), tile_px=224, folds=5, max_epochs=20, min_steps=1000),
     "tiny": DemoSize(patients=16, external_patients=8, slide_px=(1024, 800), tile_px=64, folds=3, max_epochs=20, min_steps=300),
 }
 
