@@ -221,9 +221,8 @@ def run_fold(cfg: DictConfig, cohort: Cohort, fold: Fold, fold_dir: Path, seed: 
     if encoder is not None:
         encoder.save(encoder_path(fold_dir / "model.safetensors"))
         x_val, _ = encode_split(encoder, cohort.covariates, val_bags, f"{fold.name}, validation")
-    threshold = validation_threshold(task, model, val_bags, cfg, covariates=x_val)  # before the test fold is read
-    if encoder is not None:
         x_test, summary.setdefault("covariates_imputed", {})["test"] = encode_split(encoder, cohort.covariates, test_bags, f"{fold.name}, test")
+    threshold = validation_threshold(task, model, val_bags, cfg, covariates=x_val)  # validation predictions only
     outputs = predict_outputs(
         model, test_bags, cfg.train.eval_batch_size, resolve_device(cfg.trainer.accelerator), cfg.train.precision,
         covariates=x_test,

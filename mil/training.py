@@ -116,7 +116,7 @@ class MILModule(L.LightningModule):
         h = self.hparams
         params = [p for p in self.model.parameters() if p.requires_grad]
         # One fused kernel per step instead of a loop over parameters: at batch 1 the optimiser
-        # step is a large share of a CPU step (AdamW on gated ABMIL, 2,560-d: 8.2 -> 1.9 ms).
+        # step is a sizeable share of a CPU training step.
         fused = {"fused": True} if all(p.device.type in ("cpu", "cuda") and p.is_floating_point() for p in params) else {}
         if h.optimizer == "adamw":
             opt = torch.optim.AdamW(params, lr=h.lr, weight_decay=h.weight_decay, **fused)

@@ -8,6 +8,7 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
+from bag_helpers import pad
 
 from mil.ablation import compare_arms, format_ablation
 from mil.cohort import Bag, LabelColumn
@@ -128,15 +129,6 @@ def test_ablation_needs_covariates(covariate_cohort, fast_overrides, tmp_path):
 
 
 # ---------------------------------------------------------------- fusion: one wrapper, every aggregator
-def pad(bags: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
-    n_max = max(len(b) for b in bags)
-    x = torch.randn(len(bags), n_max, D) * 50
-    mask = torch.zeros(len(bags), n_max, dtype=torch.bool)
-    for i, b in enumerate(bags):
-        x[i, : len(b)], mask[i, : len(b)] = b, True
-    return x, mask
-
-
 @pytest.mark.parametrize("fusion", ["late", "film"])
 @pytest.mark.parametrize("name", MODELS.names())
 def test_fusion_contract(name, fusion):

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from bag_helpers import pad
 
 from mil.losses import AUX_LOSSES
 from mil.models import MODELS, MILOutput, create_model
@@ -17,16 +18,6 @@ SOFTMAX_ATTENTION = {"abmil", "gated_abmil", "clam_sb", "clam_mb", "dsmil", "tra
 def make(name: str, n_outputs: int = 2, seed: int = 0, **kwargs) -> torch.nn.Module:
     torch.manual_seed(seed)
     return create_model(name, D, n_outputs, **kwargs)
-
-
-def pad(bags: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
-    """Stack bags into [B, N, D] with large random garbage (not zeros) in the padding."""
-    n_max = max(len(b) for b in bags)
-    x = torch.randn(len(bags), n_max, D) * 50
-    mask = torch.zeros(len(bags), n_max, dtype=torch.bool)
-    for i, b in enumerate(bags):
-        x[i, : len(b)], mask[i, : len(b)] = b, True
-    return x, mask
 
 
 def aux_loss(model: torch.nn.Module, out: MILOutput, labels: torch.Tensor, mask: torch.Tensor):
