@@ -79,6 +79,7 @@ RECIPES: dict[str, list[str]] = {
     "grid:last": ["train.selection=last"],
     "grid:steps=2000": ["train.min_steps=2000", "train.max_epochs=30"],  # the budget before 2026-11-30
     "grid:hidden=128": ["model.args.hidden_dim=128"],  # ABMIL-family widths only
+    "grid:refit": ["train.refit=true"],  # retrain on train + validation for the kept epochs
 }
 
 

@@ -169,7 +169,34 @@ def _write_csv(df: pd.DataFrame, path: Path) -> None:
 def _train_one(
     cfg: DictConfig, cohort: Cohort, task: Task, train: list[str], val: list[str], out_dir: Path, seed: int, what: str
 ) -> tuple[torch.nn.Module, dict[str, Any], CovariateEncoder | None]:
-    """Train one model; returns it, a summary and the covariate encoder fitted on ``train`` (None without covariates)."""
+    """Train one model on ``train``, choosing its epoch and call threshold on ``val``.
+
+    Returns the model, a summary (with ``threshold``, chosen on validation predictions) and the
+    covariate encoder fitted on its training patients (None without covariates). With
+    ``train.refit`` the returned model (and encoder) is a new one trained on ``train + val`` for
+    the chosen number of epochs; the threshold, warnings and validation values still come from
+    the model that was selected on ``val`` (the only predictions of unseen patients).
+    """
+    model, summary, encoder = _fit_model(cfg, cohort, task, train, val, out_dir, seed, what)
+    if is_main_process():  # validation predictions only
+        val_bags = cohort.subset(set(val))
+        x_val = None if encoder is None else encode_split(encoder, cohort.covariates, val_bags, f"{what}, validation")[0]
+        summary["threshold"] = validation_threshold(task, model, val_bags, cfg, covariates=x_val)
+    if cfg.train.refit:
+        epochs = int(summary["best_epoch"]) + 1
+        logger.info("%s: refit on %d training + %d validation patients for the kept %d epochs", what, len(train),
+                    len(val), epochs)
+        model, refit, encoder = _fit_model(cfg, cohort, task, list(train) + list(val), val, out_dir / "refit", seed,
+                                           f"{what} (refit)", fixed_epochs=epochs)
+        summary["refit"] = {k: refit[k] for k in ("epochs_run", "steps_run", "n_bags")}
+    return model, summary, encoder
+
+
+def _fit_model(
+    cfg: DictConfig, cohort: Cohort, task: Task, train: list[str], val: list[str], out_dir: Path, seed: int, what: str,
+    fixed_epochs: int | None = None,
+) -> tuple[torch.nn.Module, dict[str, Any], CovariateEncoder | None]:
+    """Fit one model (see :func:`mil.training.fit`; ``fixed_epochs``: no validation, final weights kept)."""
     train_bags, val_bags = cohort.subset(set(train)), cohort.subset(set(val))
     for name, bags in (("training", train_bags), ("validation", val_bags)):
         task.check_split(bags, f"the {name} split of {what}", training=name == "training")
@@ -185,7 +212,7 @@ def _train_one(
         warm_start_late_fusion(model, task, x_train, train_targets, cfg.train.weight_decay)
     model, summary = fit(
         cfg, task.wrap(model, train_targets), task, train_bags, train_targets, val_bags, task.encode(val_bags),
-        out_dir, seed, train_covariates=x_train, val_covariates=x_val,
+        out_dir, seed, train_covariates=x_train, val_covariates=x_val, fixed_epochs=fixed_epochs,
     )
     if task.calibrates:  # e.g. survival: centre the risk on the training bags' median
         task.calibrate(model, predict_outputs(model, train_bags, cfg.train.eval_batch_size,
@@ -216,13 +243,12 @@ def run_fold(cfg: DictConfig, cohort: Cohort, fold: Fold, fold_dir: Path, seed: 
     if not is_main_process():
         return None
     save_weights(model, fold_dir / "model.safetensors")
-    val_bags, test_bags = cohort.subset(set(fold.val)), cohort.subset(set(fold.test))
-    x_val = x_test = None
+    test_bags = cohort.subset(set(fold.test))
+    x_test = None
     if encoder is not None:
         encoder.save(encoder_path(fold_dir / "model.safetensors"))
-        x_val, _ = encode_split(encoder, cohort.covariates, val_bags, f"{fold.name}, validation")
         x_test, summary.setdefault("covariates_imputed", {})["test"] = encode_split(encoder, cohort.covariates, test_bags, f"{fold.name}, test")
-    threshold = validation_threshold(task, model, val_bags, cfg, covariates=x_val)  # validation predictions only
+    threshold = summary["threshold"]
     outputs = predict_outputs(
         model, test_bags, cfg.train.eval_batch_size, resolve_device(cfg.trainer.accelerator), cfg.train.precision,
         covariates=x_test,
@@ -231,8 +257,7 @@ def run_fold(cfg: DictConfig, cohort: Cohort, fold: Fold, fold_dir: Path, seed: 
     df = fold_frame(cfg, task, fold, test_bags, {**columns, **task.calls(columns, threshold)})
     write_slide_predictions(cfg, task, test_bags, [model], fold_dir / "slide_predictions.csv",
                             covariates=None if x_test is None else [x_test], fold=fold.name)
-    write_json(fold_dir / "summary.json", {**summary, "n_train": len(fold.train), "n_val": len(fold.val), "n_test": len(fold.test),
-                                           "threshold": threshold})
+    write_json(fold_dir / "summary.json", {**summary, "n_train": len(fold.train), "n_val": len(fold.val), "n_test": len(fold.test)})
     write_record(fold_dir, fold_record(cohort, fold))
     _write_csv(df, fold_dir / "predictions.csv")  # last: marks the fold finished
     return df
@@ -424,14 +449,10 @@ def run_train(cfg: DictConfig) -> Path:
         save_splits([Fold("final", 0, 0, train, val, [])], out / "splits.yaml")
     model, summary, encoder = _train_one(cfg, cohort, task, train, val, out, cfg.train.seed, "the final model")
     if is_main_process():
-        val_bags = cohort.subset(set(val))
-        x_val = None
         if encoder is not None:
             encoder.save(encoder_path(weights))
-            x_val, _ = encode_split(encoder, cohort.covariates, val_bags, "the final model, validation")
-        threshold = validation_threshold(task, model, val_bags, cfg, covariates=x_val)
-        record_in_run(out, cfg, task, {"model": threshold})
-        write_json(out / "summary.json", {**summary, "n_train": len(train), "n_val": len(val), "threshold": threshold})
+        record_in_run(out, cfg, task, {"model": summary["threshold"]})
+        write_json(out / "summary.json", {**summary, "n_train": len(train), "n_val": len(val)})
         write_record(out, record)
         save_weights(model, weights)  # last: marks the run finished
     return out

@@ -11,6 +11,7 @@ from __future__ import annotations
 import copy
 import logging
 import math
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -74,6 +75,8 @@ class MILModule(L.LightningModule):
         self.aux_weight = aux_loss_weight if aux_loss_weight is not None else getattr(model, "aux_loss_weight", 1.0)
         self.val_metrics = task.make_metrics()
         self.val_loss = MeanMetric()
+        self._epoch_loss: torch.Tensor | float = 0.0  # summed training loss of this epoch's bags
+        self._epoch_bags = 0
 
     def forward(self, features: torch.Tensor, mask: torch.Tensor, covariates: torch.Tensor | None = None):
         if covariates is None:
@@ -92,7 +95,14 @@ class MILModule(L.LightningModule):
 
     def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
         loss, _ = self.compute_loss(batch)
-        self.log("train_loss", loss, on_step=False, on_epoch=True, prog_bar=True, batch_size=len(batch["target"]))
+        # The epoch's mean loss, logged once at its last step: a self.log per step costs about
+        # as much as the forward pass of a 512-tile bag on the CPU.
+        n = len(batch["target"])
+        self._epoch_loss = (self._epoch_loss if batch_idx else 0.0) + loss.detach() * n
+        self._epoch_bags = (self._epoch_bags if batch_idx else 0) + n
+        if batch_idx == self.trainer.num_training_batches - 1:
+            self.log("train_loss", self._epoch_loss / self._epoch_bags, on_step=False, on_epoch=True, prog_bar=True,
+                     batch_size=self._epoch_bags)
         return loss
 
     def validation_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> None:
@@ -243,6 +253,51 @@ def budget_epochs(n_train: int, batch_size: int, max_epochs: int, min_steps: int
     return max(max_epochs, math.ceil(min_steps / steps_per_epoch))
 
 
+def _module(cfg: DictConfig, model: nn.Module, task: Task, train_targets: torch.Tensor) -> MILModule:
+    """The LightningModule of ``model`` with the recipe of ``cfg.train``."""
+    t = cfg.train
+    return MILModule(
+        model,
+        task,
+        task.make_loss(train_targets),
+        lr=t.lr,
+        weight_decay=t.weight_decay,
+        optimizer=t.optimizer,
+        momentum=t.momentum,
+        scheduler=t.scheduler,
+        warmup_steps=t.warmup_steps,
+        min_lr_ratio=t.min_lr_ratio,
+        aux_loss_weight=t.aux_loss_weight,
+    )
+
+
+def _trainer(
+    cfg: DictConfig, out_dir: Path, epochs: int, callbacks: list[Callback], validate: bool = True, validate_every: int = 1,
+) -> L.Trainer:
+    """A Lightning Trainer for ``epochs`` epochs, validating every ``validate_every`` epochs (never: ``validate=False``)."""
+    # Progress: bars on a terminal, else one log line per epoch (mil/progress.py); no Lightning tips or banners.
+    progress_bar = show_progress_bar(cfg.trainer.enable_progress_bar)
+    quiet_lightning()
+    return L.Trainer(
+        max_epochs=epochs,
+        accelerator=cfg.trainer.accelerator,
+        devices=cfg.trainer.devices,
+        strategy=cfg.trainer.strategy,
+        precision=cfg.train.precision,
+        deterministic=cfg.trainer.deterministic,
+        logger=_logger(cfg, out_dir),
+        callbacks=callbacks + ([] if progress_bar else [EpochLines(out_dir.name)]),
+        enable_checkpointing=False,
+        enable_progress_bar=progress_bar,
+        enable_model_summary=False,
+        limit_val_batches=None if validate else 0,
+        check_val_every_n_epoch=validate_every,
+        num_sanity_val_steps=0,
+        log_every_n_steps=1,
+        default_root_dir=str(out_dir),
+    )
+
+
 def _logger(cfg: DictConfig, out_dir: Path) -> Any:
     kind = cfg.trainer.logger
     if kind == "none":
@@ -274,12 +329,18 @@ def fit(
     seed: int,
     train_covariates: torch.Tensor | None = None,
     val_covariates: torch.Tensor | None = None,
+    fixed_epochs: int | None = None,
 ) -> tuple[nn.Module, dict[str, Any]]:
     """Train ``model`` on the training bags for ``task``, choosing the epoch on the validation bags.
 
     ``*_covariates`` [n_bags, C]: encoded clinical covariates, for a model that fuses them.
+    ``fixed_epochs``: train exactly this many epochs and keep the final weights, with no
+    validation at all (the refit of ``train.refit``: the epoch was chosen before, and the
+    validation bags are among the training bags); ``val_*`` are then ignored.
     Returns the network with the best epoch's weights and a summary of the run.
     """
+    if fixed_epochs is not None:
+        return _fit_fixed(cfg, model, task, train_bags, train_targets, out_dir, seed, train_covariates, fixed_epochs)
     t = cfg.train
     modes = task.monitor_modes
     monitor = task.default_monitor if t.monitor == "auto" else t.monitor
@@ -289,19 +350,7 @@ def fit(
     world = cfg.trainer.devices if isinstance(cfg.trainer.devices, int) else 1
     epochs = budget_epochs(len(train_bags), t.batch_size, t.max_epochs, t.min_steps, world)
     steps_per_epoch = math.ceil(len(train_bags) / (t.batch_size * world))
-    module = MILModule(
-        model,
-        task,
-        task.make_loss(train_targets),
-        lr=t.lr,
-        weight_decay=t.weight_decay,
-        optimizer=t.optimizer,
-        momentum=t.momentum,
-        scheduler=t.scheduler,
-        warmup_steps=t.warmup_steps,
-        min_lr_ratio=t.min_lr_ratio,
-        aux_loss_weight=t.aux_loss_weight,
-    )
+    module = _module(cfg, model, task, train_targets)
     mode = modes[monitor]
     selection = resolve_selection(t.selection, val_targets, task, t.min_val_bags)
     warmup_epochs = math.ceil(min(t.warmup_steps, epochs * steps_per_epoch // 2) / steps_per_epoch)
@@ -309,26 +358,8 @@ def fit(
         monitor, mode, window=min(t.monitor_window, epochs), start_epoch=min(warmup_epochs, epochs - 1), selection=selection,
         patience=t.patience, min_steps=max(t.min_steps, t.min_epochs * steps_per_epoch),
     )
-    # Progress: bars on a terminal, else one log line per epoch (mil/progress.py); no Lightning tips or banners.
-    progress_bar = show_progress_bar(cfg.trainer.enable_progress_bar)
-    callbacks = [best] + ([] if progress_bar else [EpochLines(out_dir.name)])
-    quiet_lightning()
-    trainer = L.Trainer(
-        max_epochs=epochs,
-        accelerator=cfg.trainer.accelerator,
-        devices=cfg.trainer.devices,
-        strategy=cfg.trainer.strategy,
-        precision=t.precision,
-        deterministic=cfg.trainer.deterministic,
-        logger=_logger(cfg, out_dir),
-        callbacks=callbacks,
-        enable_checkpointing=False,
-        enable_progress_bar=progress_bar,
-        enable_model_summary=False,
-        num_sanity_val_steps=0,
-        log_every_n_steps=1,
-        default_root_dir=str(out_dir),
-    )
+    # Too few validation bags to rank epochs: validate once, after the last epoch (threshold, warnings).
+    trainer = _trainer(cfg, out_dir, epochs, [best], validate_every=epochs if selection == "last" else 1)
     train_loader = make_loader(
         BagDataset(train_bags, train_targets, t.bag_size, covariates=train_covariates), t.batch_size, shuffle=True,
         num_workers=t.num_workers,
@@ -339,22 +370,23 @@ def fit(
     logger.info("training %d epochs of %d steps (%d bags, batch size %d); %s", epochs, steps_per_epoch,
                 len(train_bags), t.batch_size,
                 f"keeping the epoch with the best smoothed {monitor}" if selection == "best"
-                else f"keeping the last epoch ({len(val_bags)} validation bags: too few to rank epochs)")
+                else f"keeping the last epoch ({len(val_bags)} validation bags: too few to rank epochs; "
+                     "validating once, after it)")
     trainer.fit(module, train_loader, val_loader)
     if not best.history:
         raise RuntimeError("training produced no validation result; check the validation split is not empty")
     trained = copy.deepcopy(model).cpu()
-    warnings: list[str] = []
+    notes: list[str] = []
     if best.state is None:
-        warnings.append(f"no finite smoothed {monitor} in {len(best.history)} validation epochs: kept the last epoch")
+        notes.append(f"no finite smoothed {monitor} in {len(best.history)} validation epochs: kept the last epoch")
         kept_epoch = best.history[-1]["epoch"]
     else:
         trained.load_state_dict(best.state)
         kept_epoch = best.best_epoch
     epochs_run = trainer.current_epoch
     at_kept = next(h for h in best.history if h["epoch"] == kept_epoch)
-    warnings += training_warnings(kept_epoch, epochs_run, at_kept, trainer.callback_metrics, best.history)
-    for w in warnings:
+    notes += training_warnings(kept_epoch, epochs_run, at_kept, trainer.callback_metrics, best.history)
+    for w in notes:
         logger.warning("%s", w)
     summary = {
         "best_epoch": kept_epoch,
@@ -364,10 +396,34 @@ def fit(
         "selection": selection,
         "epochs_run": epochs_run,
         "steps_run": int(trainer.global_step),
-        "warnings": warnings,
+        "warnings": notes,
     }
     logger.info("kept epoch %d (%s=%.4f) of %d", kept_epoch, monitor, at_kept[monitor], epochs_run)
     return trained, summary
+
+
+def _fit_fixed(
+    cfg: DictConfig, model: nn.Module, task: Task, train_bags: list[Bag], train_targets: torch.Tensor, out_dir: Path,
+    seed: int, train_covariates: torch.Tensor | None, epochs: int,
+) -> tuple[nn.Module, dict[str, Any]]:
+    """:func:`fit` for a fixed number of epochs without validation; the final weights are kept."""
+    if epochs < 1:
+        raise ValueError(f"a refit needs at least one epoch, got {epochs}")
+    t = cfg.train
+    L.seed_everything(seed, workers=True, verbose=False)
+    world = cfg.trainer.devices if isinstance(cfg.trainer.devices, int) else 1
+    module = _module(cfg, model, task, train_targets)
+    trainer = _trainer(cfg, out_dir, epochs, [], validate=False)
+    loader = make_loader(BagDataset(train_bags, train_targets, t.bag_size, covariates=train_covariates), t.batch_size,
+                         shuffle=True, num_workers=t.num_workers)
+    steps_per_epoch = math.ceil(len(train_bags) / (t.batch_size * world))
+    logger.info("refit: training %d epochs of %d steps on %d bags, keeping the final weights", epochs,
+                steps_per_epoch, len(train_bags))
+    with warnings.catch_warnings():  # validation is left out on purpose
+        warnings.filterwarnings("ignore", message=".*no `val_dataloader`.*")
+        trainer.fit(module, loader)
+    return copy.deepcopy(model).cpu(), {"epochs_run": trainer.current_epoch, "steps_run": int(trainer.global_step),
+                                        "n_bags": len(train_bags)}
 
 
 def training_warnings(

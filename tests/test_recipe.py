@@ -146,3 +146,43 @@ def test_default_recipe_learns_a_sparse_cohort_that_the_old_defaults_miss(tmp_pa
     new, old = auroc([], "new"), auroc(OLD_DEFAULTS, "old")
     assert new >= 0.85, new
     assert old <= new - 0.2, (old, new)
+
+
+def test_refit_trains_on_train_and_validation_for_the_kept_epochs(tmp_path, cohort_overrides, fast_overrides):
+    """``train.refit``: the fold's model is retrained on train + validation for the kept number of
+    epochs; the threshold and the kept epoch still come from the model selected on validation."""
+    base = [*cohort_overrides, *fast_overrides, "cv.folds=2", "trainer.logger=none"]
+    plain = run_crossval(load_config([*base, f"output_dir={tmp_path / 'plain'}"]))
+    refit = run_crossval(load_config([*base, "train.refit=true", f"output_dir={tmp_path / 'refit'}"]))
+    for fold in ("fold_0", "fold_1"):
+        a = json.loads((plain / fold / "summary.json").read_text())
+        b = json.loads((refit / fold / "summary.json").read_text())
+        assert "refit" not in a
+        assert b["refit"]["n_bags"] == b["n_train"] + b["n_val"]
+        assert b["refit"]["epochs_run"] == b["best_epoch"] + 1
+        assert b["refit"]["steps_run"] == (b["best_epoch"] + 1) * math.ceil(b["refit"]["n_bags"] / 4)  # batch size 4
+        assert b["threshold"] == pytest.approx(a["threshold"])  # the same inner model chose it
+        assert b["best_epoch"] == a["best_epoch"]
+    import pandas as pd
+
+    p_plain = pd.read_csv(plain / "predictions.csv")
+    p_refit = pd.read_csv(refit / "predictions.csv")
+    assert list(p_plain.patient_id) == list(p_refit.patient_id)
+    assert not p_plain.filter(like="prob").equals(p_refit.filter(like="prob"))  # another model predicts the test fold
+
+
+@pytest.mark.parametrize("selection", ["last", "best"])
+def test_epoch_losses_are_logged_and_a_last_selection_validates_once(tmp_path, cohort_overrides, fast_overrides, selection):
+    """``train_loss`` is the mean over each epoch's bags (logged once per epoch, not per step);
+    with ``selection=last`` the validation split is evaluated once, after the last epoch."""
+    import pandas as pd
+
+    out = run_crossval(load_config([*cohort_overrides, *fast_overrides, "cv.folds=2", "trainer.logger=csv",
+                                    f"train.selection={selection}", "train.monitor_window=1",
+                                    f"output_dir={tmp_path / selection}"]))
+    log = pd.read_csv(out / "fold_0" / "logs" / "metrics.csv")
+    train = log.dropna(subset=["train_loss"])
+    assert list(train.epoch) == [0, 1, 2, 3]  # fast_overrides: 4 epochs
+    assert (train.train_loss > 0).all()
+    val_epochs = list(log.dropna(subset=["val_loss"]).epoch)
+    assert val_epochs == ([3] if selection == "last" else [0, 1, 2, 3])
