@@ -69,7 +69,7 @@ FAMILIES: dict[str, tuple[dict[str, Any], int, str]] = {
 
 OLD_DEFAULTS = ["train.lr=2e-4", "train.batch_size=8", "train.scheduler=cosine", "train.warmup_steps=0", "train.min_steps=0",
                 "train.monitor=val_loss", "train.monitor_window=1", "train.selection=best", "train.patience=10",
-                "train.max_epochs=40"]
+                "train.max_epochs=40", "train.refit=false"]
 RECIPES: dict[str, list[str]] = {
     "default": [],
     "old": OLD_DEFAULTS,
@@ -79,16 +79,17 @@ RECIPES: dict[str, list[str]] = {
     "grid:last": ["train.selection=last"],
     "grid:steps=2000": ["train.min_steps=2000", "train.max_epochs=30"],  # the budget before 2026-11-30
     "grid:hidden=128": ["model.args.hidden_dim=128"],  # ABMIL-family widths only
-    "grid:refit": ["train.refit=true"],  # retrain on train + validation for the kept epochs
+    "grid:no_refit": ["train.refit=false"],  # the fold's model is the one selected on validation (before 2026-11-30 pm)
 }
 
 
-def make_cohort(name: str, work: Path) -> Path:
+def make_cohort(name: str, work: Path, seed_offset: int = 0) -> Path:
+    """The family's cohort under ``work/cohorts`` (made once); ``seed_offset`` > 0 draws another cohort of it."""
     from mil.synthetic import make_synthetic_cohort
 
-    out = work / "cohorts" / name
+    out = work / "cohorts" / (name if not seed_offset else f"{name}_seed{seed_offset}")
     if not (out / "slides.csv").is_file():  # written last
-        make_synthetic_cohort(out, seed=sum(map(ord, name)), **FAMILIES[name][0])
+        make_synthetic_cohort(out, seed=sum(map(ord, name)) + seed_offset, **FAMILIES[name][0])
     return out
 
 
@@ -140,6 +141,8 @@ def main() -> None:
     parser.add_argument("--recipes", nargs="+", default=list(RECIPES), choices=list(RECIPES))
     parser.add_argument("--work-dir", type=Path, default=ROOT / "runs" / "benchmarks" / "recipe")
     parser.add_argument("--model", default=None, help="model.name for every run (default: the toolkit's)")
+    parser.add_argument("--seed-offset", type=int, default=0,
+                        help="draw other cohorts of the same families (a check that a choice is not tuned to one draw)")
     parser.add_argument("extra", nargs="*", help="config overrides for every run (after --)")
     args = parser.parse_args()
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
@@ -153,7 +156,7 @@ def main() -> None:
     rows = json.loads(results_path.read_text()) if results_path.is_file() else []
     done = {(r["family"], r["recipe"]) for r in rows}
     for name in args.families:
-        cohort = make_cohort(name, args.work_dir)
+        cohort = make_cohort(name, args.work_dir, args.seed_offset)
         for recipe in args.recipes:
             if (name, recipe) in done:
                 continue

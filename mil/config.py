@@ -94,7 +94,7 @@ class TrainConfig:
     patience: int | None = None  # stop after this many epochs without a better smoothed monitor (None: never)
     # After the inner split has chosen the epoch (and the threshold), train a new model on train + validation
     # for that many epochs and use it: every non-test patient trains (about 2x the training time).
-    refit: bool = False
+    refit: bool = True
     standardize: bool = False  # z-score each feature with training-fold statistics (low-dim features)
     class_weighted: bool = True  # weight each bag's loss by inverse class frequency
     aux_loss_weight: float | None = None  # weight of a model's auxiliary loss (CLAM, DSMIL); None: the paper's

@@ -23,7 +23,7 @@ from mil.heatmap_render import heat_raster, overlay_panel, percentile_scores
 from mil.models import MILOutput
 
 TRAIN = [
-    "model.args={hidden_dim: 32}", "cv.folds=2", "cv.bootstrap=20", "train.max_epochs=15", "train.min_steps=0", "train.min_epochs=1",
+    "model.args={hidden_dim: 32}", "cv.folds=2", "cv.bootstrap=20", "train.max_epochs=15", "train.min_steps=0", "train.refit=false", "train.min_epochs=1",
     "train.batch_size=4", "train.bag_size=null", "train.lr=3e-3", "train.standardize=true",
     "train.precision=32-true", "trainer.accelerator=cpu", "trainer.enable_progress_bar=false", "trainer.logger=none",
 ]

@@ -16,7 +16,7 @@ from mil.crossval import run_crossval, run_train
 from mil.splits import SplitError, load_splits, make_splits, save_splits
 from mil.synthetic import make_synthetic_cohort
 
-FAST = ["model.args={hidden_dim: 16}", "cv.folds=3", "cv.bootstrap=20", "train.max_epochs=1", "train.min_steps=0",
+FAST = ["model.args={hidden_dim: 16}", "cv.folds=3", "cv.bootstrap=20", "train.max_epochs=1", "train.min_steps=0", "train.refit=false",
         "train.warmup_steps=0", "train.min_epochs=1",
         "train.batch_size=4", "train.bag_size=16", "train.precision=32-true", "trainer.accelerator=cpu",
         "trainer.enable_progress_bar=false", "trainer.logger=none"]

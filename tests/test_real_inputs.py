@@ -387,7 +387,7 @@ def predict_run(tmp_path_factory, synthetic_cohort):
     return run_train(load_config([
         f"cohort.clinical_csv={c.clinical_csv}", f"cohort.slide_csv={c.slide_csv}", f"cohort.features_dir={c.features_dir}",
         "cohort.target=MSI", "cohort.classes=[MSS,MSI-H]", "model.name=gated_abmil", "model.args={hidden_dim: 16}",
-        "train.max_epochs=1", "train.min_epochs=1", "train.min_steps=0", "train.batch_size=4", "train.precision=32-true",
+        "train.max_epochs=1", "train.min_epochs=1", "train.min_steps=0", "train.refit=false", "train.batch_size=4", "train.precision=32-true",
         "trainer.accelerator=cpu", "trainer.enable_progress_bar=false", "trainer.logger=none",
         f"output_dir={tmp_path_factory.mktemp('i12') / 'run'}"]))
 

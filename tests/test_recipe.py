@@ -121,7 +121,7 @@ def test_validation_loss_does_not_depend_on_eval_batch_size(tmp_path, cohort_ove
 
 OLD_DEFAULTS = ["train.lr=2e-4", "train.batch_size=8", "train.scheduler=cosine", "train.warmup_steps=0", "train.min_steps=0",
                 "train.max_epochs=40", "train.monitor=val_loss", "train.monitor_window=1", "train.selection=best",
-                "train.patience=10"]
+                "train.patience=10", "train.refit=false"]
 
 
 def test_default_recipe_learns_a_sparse_cohort_that_the_old_defaults_miss(tmp_path):

@@ -36,7 +36,7 @@ from mil.view.data import overlay_size
 
 TRAIN = [
     "model.name=gated_abmil", "model.args={hidden_dim: 16}", "cv.folds=2", "cv.bootstrap=10", "train.max_epochs=2",
-    "train.min_steps=0", "train.min_epochs=1", "train.batch_size=4", "train.bag_size=null", "train.precision=32-true",
+    "train.min_steps=0", "train.refit=false", "train.min_epochs=1", "train.batch_size=4", "train.bag_size=null", "train.precision=32-true",
     "trainer.accelerator=cpu", "trainer.enable_progress_bar=false", "trainer.logger=none",
 ]
 
