@@ -195,7 +195,8 @@ def test_ddp_validation_counts_each_bag_once(tmp_path, cohort_overrides, fast_ov
     script = Path(__file__).with_name("ddp_validation.py")
     proc = subprocess.run(
         [sys.executable, str(script), str(records), *cohort_overrides, *fast_overrides, "trainer.devices=2",
-         "trainer.strategy=ddp", "train.max_epochs=2", *choice, f"output_dir={tmp_path / 'ddp'}"],
+         "trainer.strategy=ddp", "train.max_epochs=2", "train.selection=best",  # validate every epoch
+         *choice, f"output_dir={tmp_path / 'ddp'}"],
         capture_output=True, text=True, env=env, timeout=300,
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
