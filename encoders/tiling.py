@@ -106,8 +106,10 @@ def tissue_fraction(coords: np.ndarray, tile_size_level0: float, mask: np.ndarra
         return np.zeros(0)
     h, w = mask.shape
     sx, sy = w / dimensions[0], h / dimensions[1]
-    integral = np.zeros((h + 1, w + 1), np.int64)
-    integral[1:, 1:] = mask.astype(np.int64).cumsum(0).cumsum(1)
+    # int32 holds any thumbnail's pixel count; in-place sums avoid two full-size temporaries
+    integral = np.zeros((h + 1, w + 1), np.int32)
+    np.cumsum(mask, axis=0, dtype=np.int32, out=integral[1:, 1:])
+    np.cumsum(integral[1:, 1:], axis=1, out=integral[1:, 1:])
     x0 = np.clip(np.round(coords[:, 0] * sx).astype(int), 0, w - 1)
     y0 = np.clip(np.round(coords[:, 1] * sy).astype(int), 0, h - 1)
     x1 = np.clip(np.round((coords[:, 0] + tile_size_level0) * sx).astype(int), x0 + 1, w)
