@@ -413,8 +413,9 @@ def append_training_health(out: Path, fold_names: list[str]) -> None:
     A fold whose kept model is from the first epochs, or whose validation AUROC is at chance,
     is named there, so a pooled metric is never read without knowing that some folds barely trained.
     """
-    lines = ["", "## Training", "", "| fold | kept epoch | epochs run | warnings |", "|---|---|---|---|"]
-    flagged = 0
+    lines = ["", "## Training", "", "| fold | kept epoch | epochs run | refit: epochs on bags | warnings |",
+             "|---|---|---|---|---|"]
+    flagged = refitted = 0
     for name in fold_names:
         path = out / name / "summary.json"
         if not path.is_file():
@@ -422,7 +423,13 @@ def append_training_health(out: Path, fold_names: list[str]) -> None:
         s = json.loads(path.read_text())
         warnings = s.get("warnings", [])
         flagged += bool(warnings)
-        lines.append(f"| {name} | {s.get('best_epoch')} | {s.get('epochs_run')} | {'; '.join(warnings) or '—'} |")
+        refit = s.get("refit")
+        refitted += refit is not None
+        refit_cell = f"{refit['epochs_run']} on {refit['n_bags']}" if refit else "—"
+        lines.append(f"| {name} | {s.get('best_epoch')} | {s.get('epochs_run')} | {refit_cell} | {'; '.join(warnings) or '—'} |")
+    if refitted:  # the test folds were predicted by the refit models; the warnings describe the selected ones
+        lines[2:2] = [f"Each of {refitted} folds was refit on its training + validation patients for the kept epochs "
+                      "(`train.refit`); kept epochs and warnings describe the model selected on validation.", ""]
     if flagged:
         lines[2:2] = [f"**{flagged} of {len(fold_names)} folds may not have learnt** (see the warnings below).", ""]
     summary = out / "summary.md"

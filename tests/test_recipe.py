@@ -163,6 +163,8 @@ def test_refit_trains_on_train_and_validation_for_the_kept_epochs(tmp_path, coho
         assert b["refit"]["steps_run"] == (b["best_epoch"] + 1) * math.ceil(b["refit"]["n_bags"] / 4)  # batch size 4
         assert b["threshold"] == pytest.approx(a["threshold"])  # the same inner model chose it
         assert b["best_epoch"] == a["best_epoch"]
+    assert "refit on its training + validation patients" in (refit / "summary.md").read_text()
+    assert "refit on its training" not in (plain / "summary.md").read_text()
     import pandas as pd
 
     p_plain = pd.read_csv(plain / "predictions.csv")
