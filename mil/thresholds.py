@@ -81,12 +81,24 @@ class ThresholdRule:
         spec = (~called & ~y).sum(axis=1) / n_neg
         if self.name == "youden":
             j = sens + spec - 1.0
-            return float(cuts[np.flatnonzero(np.isclose(j, j.max())).min()])  # ties: the highest (most specific) cut
+            return _midway(cuts, np.flatnonzero(np.isclose(j, j.max())).min())  # ties: the highest (most specific) cut
         if self.name == "sensitivity":
             ok = np.flatnonzero(sens >= self.target - 1e-12)
-            return float(cuts[ok.min()])  # highest such cut; the lowest cut has sensitivity 1
+            return _midway(cuts, ok.min())  # highest such cut; the lowest cut has sensitivity 1
         ok = np.flatnonzero(spec >= self.target - 1e-12)
-        return float(cuts[ok.max()] if len(ok) else np.nextafter(cuts[0], math.inf))
+        return _midway(cuts, ok.max()) if len(ok) else float(np.nextafter(cuts[0], math.inf))
+
+
+def _midway(cuts: np.ndarray, i: int) -> float:
+    """The threshold halfway between validation score ``cuts[i]`` and the next lower one ``cuts[i + 1]``.
+
+    Every threshold in ``(cuts[i + 1], cuts[i]]`` makes the same validation calls; the middle of
+    that gap keeps the largest margin on both sides (as a decision stump does), so a test bag
+    scored a hair below the lowest called validation score is not flipped. With saturated
+    probabilities (every validation positive at 1.0) the edge ``cuts[i]`` itself would call
+    positive only bags scored exactly 1.0.
+    """
+    return float((cuts[i] + cuts[i + 1]) / 2) if i + 1 < len(cuts) else float(cuts[i])
 
 
 def call_classes(probs: np.ndarray, classes: list[str], threshold: float | None) -> np.ndarray:

@@ -25,15 +25,29 @@ def _rule(*overrides):
 def test_youden_sensitivity_specificity_and_fixed_rules():
     y = np.array([0, 0, 0, 0, 1, 1, 1, 1])
     p = np.array([0.1, 0.2, 0.3, 0.6, 0.4, 0.7, 0.8, 0.9])
-    # Youden's J is 0.75 at cuts 0.7 (sens 3/4, spec 1) and 0.4 (sens 1, spec 3/4), 0.5 at 0.6: the higher tie wins.
-    assert _rule().choose(y, p) == pytest.approx(0.7)
-    # Sensitivity >= 1: the highest cut that still calls every positive.
-    assert _rule("task.threshold=sensitivity", "task.threshold_target=1.0").choose(y, p) == pytest.approx(0.4)
-    # Specificity >= 1: the lowest cut that calls no negative.
-    assert _rule("task.threshold=specificity", "task.threshold_target=1.0").choose(y, p) == pytest.approx(0.7)
+    # Youden's J is 0.75 at cuts 0.7 (sens 3/4, spec 1) and 0.4 (sens 1, spec 3/4), 0.5 at 0.6: the higher tie
+    # wins, and the threshold sits midway to the next lower score (0.6): the same validation calls.
+    assert _rule().choose(y, p) == pytest.approx(0.65)
+    # Sensitivity >= 1: the highest cut that still calls every positive (0.4), midway to 0.3.
+    assert _rule("task.threshold=sensitivity", "task.threshold_target=1.0").choose(y, p) == pytest.approx(0.35)
+    # Specificity >= 1: the lowest cut that calls no negative (0.7), midway to 0.6.
+    assert _rule("task.threshold=specificity", "task.threshold_target=1.0").choose(y, p) == pytest.approx(0.65)
     assert _rule("task.threshold=fixed").choose(y, p) == 0.5
     assert _rule("task.threshold=fixed", "task.threshold_target=0.3").choose(y, p) == 0.3
     assert _rule().choose(np.zeros(4), np.random.default_rng(0).random(4)) == 0.5  # single class: fallback
+
+
+def test_saturated_validation_scores_do_not_put_the_threshold_at_one():
+    """Every validation positive at P = 1.0 (float32 softmax saturates on an easy task): a threshold
+    of 1.0 called a test positive scored 0.9999 negative (demo: AUROC 1.0, balanced accuracy 0.83)."""
+    y = np.array([0, 0, 0, 1, 1, 1])
+    p = np.array([0.01, 0.2, 0.4, 1.0, 1.0, 1.0])
+    for rule in (_rule(), _rule("task.threshold=sensitivity", "task.threshold_target=0.9"),
+                 _rule("task.threshold=specificity", "task.threshold_target=0.9")):
+        t = rule.choose(y, p)
+        assert t == pytest.approx(0.7), rule
+        assert rule.choose(y, p) <= 0.9999  # a near-certain test positive is called positive
+    assert _rule().choose(np.array([0, 1]), np.array([0.3, 0.3])) == pytest.approx(0.3)  # one distinct score: itself
 
 
 def test_bad_threshold_config_is_named():
