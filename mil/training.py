@@ -95,8 +95,8 @@ class MILModule(L.LightningModule):
 
     def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
         loss, _ = self.compute_loss(batch)
-        # The epoch's mean loss, logged once at its last step: a self.log per step costs about
-        # as much as the forward pass of a 512-tile bag on the CPU.
+        # The epoch's mean loss, logged once at its last step: Lightning's self.log per step was
+        # the largest share of its per-step Python work (a cProfile of 304 steps: 1.39 M -> 0.83 M calls).
         n = len(batch["target"])
         self._epoch_loss = (self._epoch_loss if batch_idx else 0.0) + loss.detach() * n
         self._epoch_bags = (self._epoch_bags if batch_idx else 0) + n
