@@ -18,7 +18,8 @@ the inner validation split selects; the test folds choose nothing) with:
     python benchmarks/recipe.py --model abmil -- model.args={hidden_dim: 128}   # extra overrides
 
 Writes ``<work-dir>/results.json`` (one row per cohort and recipe, kept as it goes, so a rerun
-resumes) and prints a markdown table. Uses one torch thread per run.
+resumes) and prints a markdown table. One torch thread per process; the folds of a run train in
+parallel processes as `cv.jobs=auto` decides (two on a 2-core machine).
 """
 
 from __future__ import annotations

@@ -289,10 +289,12 @@ def _quiet_third_party() -> None:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    from mil.progress import LOG_DATEFMT, LOG_FORMAT
+
     logging.basicConfig(
         level=logging.DEBUG if args.verbose else logging.INFO,
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-        datefmt="%H:%M:%S",
+        format=LOG_FORMAT,
+        datefmt=LOG_DATEFMT,
     )
     if not args.verbose and args.command != "print-config":
         _quiet_third_party()

@@ -68,6 +68,9 @@ class CVConfig:
     val_fraction: float = 0.2  # inner validation split of each training fold (early stopping)
     bootstrap: int = 1000  # resamples for the 95% confidence intervals of pooled metrics
     ablation: bool = False  # with cohort.covariates: also train slide-only and covariates-only models on the same folds
+    # Folds trained at once as processes on this machine: a number, or "auto" (on the CPU, up to one per
+    # core; on a GPU, one). Results do not depend on it, beyond the last bits of float sums over threads.
+    jobs: Any = "auto"
 
 
 @dataclass

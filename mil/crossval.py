@@ -13,6 +13,10 @@ from __future__ import annotations
 
 import json
 import logging
+import math
+import os
+import subprocess
+import sys
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -32,9 +36,19 @@ from mil.covariates import CovariateEncoder, configured, encode_split, encoder_p
 from mil.fusion import CovariateFusion, warm_start_late_fusion
 from mil.inference import load_weights, predict_outputs, resolve_device, save_weights
 from mil.io import atomic_path, write_json, write_text
-from mil.jobs import LAUNCHER_KEYS, fold_job, pooled_is_current, run_lock, select_folds
+from mil.jobs import (
+    LAUNCHER_KEYS,
+    fold_job,
+    local_jobs,
+    pooled_is_current,
+    run_lock,
+    run_status,
+    select_folds,
+    usable_cores,
+)
 from mil.models import create_model
 from mil.normalize import Standardized
+from mil.progress import LOG_DATEFMT, LOG_FORMAT, quiet_lightning
 from mil.provenance import (
     check_bags_finite,
     finished_work,
@@ -51,7 +65,7 @@ from mil.splits import Fold, SplitError, inner_split, load_splits, make_splits, 
 from mil.tables import ONLY_EMPTY_IS_MISSING
 from mil.tasks import Task, create_task, task_class, task_from_meta
 from mil.thresholds import record_in_run, validation_threshold
-from mil.training import fit
+from mil.training import budget_epochs, fit
 
 logger = logging.getLogger(__name__)
 
@@ -95,17 +109,22 @@ def _check_resumable(cfg: DictConfig, out: Path) -> None:
         )
 
 
-def prepare_run(cfg: DictConfig, kind: str) -> tuple[Path, Cohort, Task]:
-    """Validate the config, load the cohort and write the run's metadata files."""
+def load_inputs(cfg: DictConfig) -> tuple[Cohort, Task]:
+    """The cohort (bags, labels, covariates) and the task of ``cfg``; writes nothing."""
     cls = task_class(cfg)
-    require(cfg, _REQUIRED + cls.required_keys(cfg), kind)
-    out = Path(cfg.output_dir)
-    _check_resumable(cfg, out)
     cohort = load_cohort(cfg.cohort, columns=cls.label_columns(cfg))
     cohort.covariates = read_covariates(cfg.cohort, cohort.bags)
     if cfg.cv.ablation and cohort.covariates is None:
         raise ConfigError("cv.ablation=true compares slide, covariates and both: name cohort.covariates.numeric/categorical")
-    task = cls(cohort.columns, cfg)
+    return cohort, cls(cohort.columns, cfg)
+
+
+def prepare_run(cfg: DictConfig, kind: str) -> tuple[Path, Cohort, Task]:
+    """Validate the config, load the cohort and write the run's metadata files."""
+    require(cfg, _REQUIRED + task_class(cfg).required_keys(cfg), kind)
+    out = Path(cfg.output_dir)
+    _check_resumable(cfg, out)
+    cohort, task = load_inputs(cfg)
     if is_main_process():
         out.mkdir(parents=True, exist_ok=True)
         save_config(cfg, out / "config.yaml")
@@ -212,7 +231,7 @@ def _fit_model(
         warm_start_late_fusion(model, task, x_train, train_targets, cfg.train.weight_decay)
     model, summary = fit(
         cfg, task.wrap(model, train_targets), task, train_bags, train_targets, val_bags, task.encode(val_bags),
-        out_dir, seed, train_covariates=x_train, val_covariates=x_val, fixed_epochs=fixed_epochs,
+        out_dir, seed, train_covariates=x_train, val_covariates=x_val, fixed_epochs=fixed_epochs, name=what,
     )
     if task.calibrates:  # e.g. survival: centre the risk on the training bags' median
         task.calibrate(model, predict_outputs(model, train_bags, cfg.train.eval_batch_size,
@@ -360,17 +379,109 @@ def run_crossval(cfg: DictConfig, folds: Sequence[int] | None = None) -> Path:
         out, cohort, task = prepare_run(cfg, "crossval")
         all_folds = _splits(cfg, cohort, task, out)
         check_bags_finite(cohort, out)
-    for i in select_folds(len(all_folds), folds):
-        fold = all_folds[i]
-        fold_dir = out / fold.name
-        with fold_job(out, fold.name, enabled=main):
-            if _finished_fold(cfg, cohort, task, fold, fold_dir) is not None:
-                continue
-            logger.info("%s (%d/%d): %d train, %d val, %d test patients", fold.name, i + 1, len(all_folds), len(fold.train), len(fold.val), len(fold.test))
-            run_fold(cfg, cohort, fold, fold_dir, seed=cfg.train.seed + i)
+    todo = select_folds(len(all_folds), folds)
+    jobs = _fold_processes(cfg, [all_folds[i] for i in todo], out) if main else 1
+    if jobs > 1:
+        _train_in_processes(cfg, cohort, task, all_folds, out, todo, jobs)
+    else:
+        _train_folds(cfg, cohort, task, all_folds, out, todo, wait=True)
     if main:
         pool_results(cfg, out, cohort, task, all_folds, force=folds is None)
     return out
+
+
+def _train_folds(
+    cfg: DictConfig, cohort: Cohort, task: Task, all_folds: list[Fold], out: Path, indices: Sequence[int], wait: bool,
+) -> None:
+    """Train the folds ``indices`` that are not finished; ``wait=False``: skip folds another process holds."""
+    for i in indices:
+        fold = all_folds[i]
+        fold_dir = out / fold.name
+        with fold_job(out, fold.name, enabled=is_main_process(), wait=wait) as mine:
+            if not mine or _finished_fold(cfg, cohort, task, fold, fold_dir) is not None:
+                continue
+            logger.info("%s (%d/%d): %d train, %d val, %d test patients", fold.name, i + 1, len(all_folds), len(fold.train), len(fold.val), len(fold.test))
+            run_fold(cfg, cohort, fold, fold_dir, seed=cfg.train.seed + i)
+
+
+def _planned_steps(cfg: DictConfig, fold: Fold) -> int:
+    """Optimiser steps a fold plans (the budget, plus the refit's), counting a patient as one bag."""
+    t = cfg.train
+
+    def steps(n_bags: int) -> int:
+        return budget_epochs(n_bags, t.batch_size, t.max_epochs, t.min_steps) * math.ceil(n_bags / t.batch_size)
+
+    return steps(len(fold.train)) + (steps(len(fold.train) + len(fold.val)) if t.refit else 0)
+
+
+def _fold_processes(cfg: DictConfig, folds: list[Fold], out: Path) -> int:
+    """``cv.jobs`` resolved for the folds of this call that are not finished (:func:`mil.jobs.local_jobs`)."""
+    left = [f for f in folds if not (out / f.name / "predictions.csv").is_file()]
+    on_cpu = resolve_device(cfg.trainer.accelerator).type == "cpu" and str(cfg.trainer.devices) in ("1", "auto")
+    return local_jobs(cfg.cv.jobs, len(left), min((_planned_steps(cfg, f) for f in left), default=0), on_cpu)
+
+
+def _train_in_processes(
+    cfg: DictConfig, cohort: Cohort, task: Task, all_folds: list[Fold], out: Path, indices: Sequence[int], jobs: int,
+) -> None:
+    """Train folds in ``jobs`` processes at once: this one and ``jobs - 1`` worker processes.
+
+    Each process takes the next fold nobody holds (the fold locks of :mod:`mil.jobs`), with
+    ``cores // jobs`` torch threads, and logs one line per epoch (progress bars of several
+    processes would overwrite each other). Every fold keeps its own seed, so the results are
+    those of a sequential run. A fold left unfinished (a worker failed or was killed, or a
+    ``--fold`` job elsewhere holds it) is then waited for or trained here, as a sequential run
+    would, so its error, if any, is raised in this process. Workers are new interpreters
+    (``python -c``), not ``multiprocessing`` children: those re-run the caller's script, which
+    in a research script is rarely behind ``if __name__ == "__main__"``.
+    """
+    threads = max(1, usable_cores() // jobs)
+    run_cfg = cfg.copy()
+    run_cfg.trainer.enable_progress_bar = False
+    logger.info("training %d folds in %d processes (cv.jobs=%s), %d torch thread(s) each", len(indices), jobs,
+                cfg.cv.jobs, threads)
+    code = (f"from mil.crossval import fold_worker; "
+            f"fold_worker({str(out)!r}, {list(indices)!r}, {threads}, {logging.getLogger().getEffectiveLevel()})")
+    package_root = str(Path(__file__).resolve().parents[1])  # the worker imports this copy of mil
+    env = {**os.environ, "OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads),
+           "PYTHONPATH": os.pathsep.join(p for p in (package_root, os.environ.get("PYTHONPATH")) if p)}
+    workers = [subprocess.Popen([sys.executable, "-c", code], env=env) for _ in range(jobs - 1)]
+    threads_before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        _train_folds(run_cfg, cohort, task, all_folds, out, indices, wait=False)
+    except BaseException:
+        for w in workers:  # their folds are left interrupted; a rerun redoes them
+            w.terminate()
+        raise
+    finally:
+        for w in workers:
+            w.wait()
+        torch.set_num_threads(threads_before)
+    unfinished = [i for i in indices if not (out / all_folds[i].name / "predictions.csv").is_file()]
+    if unfinished:  # a worker died or failed, or a `--fold` job elsewhere holds the fold: as a sequential run would
+        status = {f.name: f for f in run_status(out).folds}
+        for i in unfinished:
+            name = all_folds[i].name
+            logger.warning("%s did not finish in a worker process (%s%s); waiting for it or training it here", name,
+                           status[name].state, f": {status[name].detail}" if status[name].detail else "")
+        _train_folds(cfg, cohort, task, all_folds, out, unfinished, wait=True)
+
+
+def fold_worker(run_dir: str, indices: list[int], threads: int, log_level: int) -> None:
+    """Body of a worker process of ``cv.jobs``: train the listed folds of ``run_dir`` that no process holds.
+
+    Reads the run's ``config.yaml`` and ``splits.yaml`` (written by the parent) and writes only
+    fold folders; the parent pools.
+    """
+    logging.basicConfig(level=log_level, format=LOG_FORMAT, datefmt=LOG_DATEFMT)
+    quiet_lightning()
+    torch.set_num_threads(threads)
+    out = Path(run_dir)
+    cfg = load_config([str(out / "config.yaml"), "trainer.enable_progress_bar=false"])
+    cohort, task = load_inputs(cfg)
+    all_folds = load_splits(out / "splits.yaml", set(cohort.patient_ids.tolist()))
+    _train_folds(cfg, cohort, task, all_folds, out, indices, wait=False)
 
 
 def pool_results(cfg: DictConfig, out: Path, cohort: Cohort, task: Task, folds: list[Fold], force: bool = True) -> bool:

@@ -41,7 +41,11 @@ FAILED_FILE = "failed.txt"  # in the fold's folder: the traceback of its last fa
 DONE_FILE = "predictions.csv"  # in the fold's folder: written last, atomically
 POOLED_FILES = ("predictions.csv", "metrics.json", "summary.md")
 # Where and how jobs run; never part of what a run computes (so a resumed run may change them).
-LAUNCHER_KEYS = {"launcher.partition", "launcher.time", "launcher.gpus", "launcher.cpus", "launcher.mem"}
+LAUNCHER_KEYS = {"launcher.partition", "launcher.time", "launcher.gpus", "launcher.cpus", "launcher.mem", "cv.jobs"}
+# cv.jobs=auto trains folds in parallel processes only when each fold plans at least this many
+# optimiser steps: starting a process (importing torch and Lightning) costs about 5 s of CPU.
+MIN_STEPS_FOR_PROCESSES = 1000
+MAX_AUTO_JOBS = 8  # each process holds its own copy of the cached bags
 
 FINISHED, RUNNING, FAILED, INTERRUPTED, NOT_STARTED = "finished", "running", "failed", "interrupted", "not started"
 
@@ -74,34 +78,66 @@ def select_folds(n_folds: int, requested: Sequence[int] | None) -> list[int]:
 
 
 @contextmanager
-def fold_job(out: Path, fold_name: str, enabled: bool = True) -> Iterator[None]:
+def fold_job(out: Path, fold_name: str, enabled: bool = True, wait: bool = True) -> Iterator[bool]:
     """Hold the fold's lock while it trains; record a failure in ``<fold>/failed.txt``.
 
-    Blocks while another process holds the fold, so the caller must check whether the fold is
-    finished after entering. ``enabled=False`` (DDP ranks other than 0, which train the same
-    fold as rank 0) takes no lock and records nothing.
+    Yields whether this process holds the fold. With ``wait`` it blocks while another process
+    holds the fold (and yields True), so the caller must check whether the fold is finished
+    after entering; without, it yields False at once when the fold is taken (local parallel
+    workers share out the folds this way). ``enabled=False`` (DDP ranks other than 0, which
+    train the same fold as rank 0) takes no lock and records nothing.
     """
     if not enabled:
-        yield
+        yield True
         return
     fold_dir = Path(out) / fold_name
     lock = FileLock(_lock_path(out, fold_name))
     try:
         lock.acquire(timeout=0)
     except Timeout:
+        if not wait:
+            yield False
+            return
         logger.info("%s is being trained by another job (%s); waiting for it", fold_name, _owner(out, fold_name))
         lock.acquire()
     try:
         write_text(_owner_path(out, fold_name), _describe_self())
         (fold_dir / FAILED_FILE).unlink(missing_ok=True)
         try:
-            yield
+            yield True
         except Exception:  # a Ctrl-C or a kill is an interruption, not a failure
             fold_dir.mkdir(parents=True, exist_ok=True)
             write_text(fold_dir / FAILED_FILE, f"{_describe_self()}\n{traceback.format_exc()}")
             raise
     finally:
         lock.release()
+
+
+def usable_cores() -> int:
+    """CPU cores this process may run on (its affinity mask, e.g. a SLURM allocation)."""
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+
+
+def local_jobs(setting: Any, n_folds: int, steps_per_fold: int, on_cpu: bool, cores: int | None = None) -> int:
+    """How many folds to train at once as processes on this machine (``cv.jobs``).
+
+    ``setting``: a positive int, or ``"auto"``: ``min(n_folds, cores, 8)`` when training runs on
+    the CPU, at least two folds are to run, there are at least two cores and each fold plans at
+    least 1,000 optimiser steps (``steps_per_fold``); else 1. A GPU is shared by one process
+    at a time, so ``auto`` is 1 there. Why: a fold at batch size 1 is a long chain of small
+    steps that keeps two cores busy only in part, and the Python work between kernels does
+    not run in parallel within a process (near_normal_120, 5 folds on 2 cores: 249 s for one
+    process with 2 threads, 158 s for two with one each; docs/benchmarks.md §2).
+    Raises ``ValueError`` for anything but a positive int or "auto".
+    """
+    if isinstance(setting, str) and setting.strip().lower() == "auto":
+        cores = usable_cores() if cores is None else cores
+        if not on_cpu or n_folds < 2 or cores < 2 or steps_per_fold < MIN_STEPS_FOR_PROCESSES:
+            return 1
+        return min(n_folds, cores, MAX_AUTO_JOBS)
+    if isinstance(setting, bool) or not isinstance(setting, int) or setting < 1:
+        raise ValueError(f"cv.jobs must be a positive number of processes or auto, got {setting!r}")
+    return max(1, min(setting, n_folds))
 
 
 def pooled_is_current(out: Path, fold_names: Sequence[str]) -> bool:

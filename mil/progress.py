@@ -20,6 +20,10 @@ from lightning.pytorch.callbacks import Callback
 
 logger = logging.getLogger(__name__)
 
+# The command line's log lines (also used by processes it spawns): "12:00:01 INFO mil.crossval: ..."
+LOG_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
+LOG_DATEFMT = "%H:%M:%S"
+
 # Lightning messages that are about our settings, not the user's: e.g. tiny MIL loaders need no workers.
 _NOT_THE_USERS_BUSINESS = (
     r".*does not have many workers.*",

@@ -273,8 +273,12 @@ def _module(cfg: DictConfig, model: nn.Module, task: Task, train_targets: torch.
 
 def _trainer(
     cfg: DictConfig, out_dir: Path, epochs: int, callbacks: list[Callback], validate: bool = True, validate_every: int = 1,
+    name: str | None = None,
 ) -> L.Trainer:
-    """A Lightning Trainer for ``epochs`` epochs, validating every ``validate_every`` epochs (never: ``validate=False``)."""
+    """A Lightning Trainer for ``epochs`` epochs, validating every ``validate_every`` epochs (never: ``validate=False``).
+
+    ``name`` labels the per-epoch log lines (default: the folder's name).
+    """
     # Progress: bars on a terminal, else one log line per epoch (mil/progress.py); no Lightning tips or banners.
     progress_bar = show_progress_bar(cfg.trainer.enable_progress_bar)
     quiet_lightning()
@@ -286,7 +290,7 @@ def _trainer(
         precision=cfg.train.precision,
         deterministic=cfg.trainer.deterministic,
         logger=_logger(cfg, out_dir),
-        callbacks=callbacks + ([] if progress_bar else [EpochLines(out_dir.name)]),
+        callbacks=callbacks + ([] if progress_bar else [EpochLines(name or out_dir.name)]),
         enable_checkpointing=False,
         enable_progress_bar=progress_bar,
         enable_model_summary=False,
@@ -330,17 +334,19 @@ def fit(
     train_covariates: torch.Tensor | None = None,
     val_covariates: torch.Tensor | None = None,
     fixed_epochs: int | None = None,
+    name: str | None = None,
 ) -> tuple[nn.Module, dict[str, Any]]:
     """Train ``model`` on the training bags for ``task``, choosing the epoch on the validation bags.
 
     ``*_covariates`` [n_bags, C]: encoded clinical covariates, for a model that fuses them.
     ``fixed_epochs``: train exactly this many epochs and keep the final weights, with no
     validation at all (the refit of ``train.refit``: the epoch was chosen before, and the
-    validation bags are among the training bags); ``val_*`` are then ignored.
+    validation bags are among the training bags); ``val_*`` are then ignored. ``name`` labels
+    the progress lines, e.g. "fold_0 (refit)" (default: the name of ``out_dir``).
     Returns the network with the best epoch's weights and a summary of the run.
     """
     if fixed_epochs is not None:
-        return _fit_fixed(cfg, model, task, train_bags, train_targets, out_dir, seed, train_covariates, fixed_epochs)
+        return _fit_fixed(cfg, model, task, train_bags, train_targets, out_dir, seed, train_covariates, fixed_epochs, name)
     t = cfg.train
     modes = task.monitor_modes
     monitor = task.default_monitor if t.monitor == "auto" else t.monitor
@@ -359,7 +365,7 @@ def fit(
         patience=t.patience, min_steps=max(t.min_steps, t.min_epochs * steps_per_epoch),
     )
     # Too few validation bags to rank epochs: validate once, after the last epoch (threshold, warnings).
-    trainer = _trainer(cfg, out_dir, epochs, [best], validate_every=epochs if selection == "last" else 1)
+    trainer = _trainer(cfg, out_dir, epochs, [best], validate_every=epochs if selection == "last" else 1, name=name)
     train_loader = make_loader(
         BagDataset(train_bags, train_targets, t.bag_size, covariates=train_covariates), t.batch_size, shuffle=True,
         num_workers=t.num_workers,
@@ -404,7 +410,7 @@ def fit(
 
 def _fit_fixed(
     cfg: DictConfig, model: nn.Module, task: Task, train_bags: list[Bag], train_targets: torch.Tensor, out_dir: Path,
-    seed: int, train_covariates: torch.Tensor | None, epochs: int,
+    seed: int, train_covariates: torch.Tensor | None, epochs: int, name: str | None = None,
 ) -> tuple[nn.Module, dict[str, Any]]:
     """:func:`fit` for a fixed number of epochs without validation; the final weights are kept."""
     if epochs < 1:
@@ -413,7 +419,7 @@ def _fit_fixed(
     L.seed_everything(seed, workers=True, verbose=False)
     world = cfg.trainer.devices if isinstance(cfg.trainer.devices, int) else 1
     module = _module(cfg, model, task, train_targets)
-    trainer = _trainer(cfg, out_dir, epochs, [], validate=False)
+    trainer = _trainer(cfg, out_dir, epochs, [], validate=False, name=name)
     loader = make_loader(BagDataset(train_bags, train_targets, t.bag_size, covariates=train_covariates), t.batch_size,
                          shuffle=True, num_workers=t.num_workers)
     steps_per_epoch = math.ceil(len(train_bags) / (t.batch_size * world))

@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pandas as pd
@@ -12,7 +13,7 @@ import pytest
 
 from mil.config import ConfigError, load_config
 from mil.crossval import run_crossval
-from mil.jobs import FAILED, FINISHED, INTERRUPTED, NOT_STARTED, RUNNING, run_status, select_folds
+from mil.jobs import FAILED, FINISHED, INTERRUPTED, NOT_STARTED, RUNNING, local_jobs, run_status, select_folds
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -49,6 +50,56 @@ def test_parallel_fold_jobs_equal_a_sequential_run(tmp_path, cohort_overrides, f
     assert sum("auroc" in log.lower() and "results in" in log for log in logs) == 1, "\n\n".join(logs)
     status = run_status(out)
     assert status.pooled and [f.state for f in status.folds] == [FINISHED] * 3
+
+
+def test_cv_jobs_trains_folds_in_several_processes_with_the_sequential_result(tmp_path, cohort_overrides, fast_overrides,
+                                                                              monkeypatch):
+    """`cv.jobs=2`: this process and a spawned one share out the folds; the pooled run equals a sequential one."""
+    sequential = run_crossval(load_config([*_overrides(tmp_path, cohort_overrides, fast_overrides, "seq"), "cv.jobs=1"]))
+    import mil.crossval
+
+    run_fold = mil.crossval.run_fold
+
+    def run_fold_once_a_worker_has_a_fold(cfg, cohort, fold, fold_dir, seed):
+        # Tiny folds finish before a process has started: hold fold_0 until the worker takes fold_1.
+        deadline = time.monotonic() + 120
+        while fold.name == "fold_0" and not (fold_dir.parent / ".locks" / "fold_1.owner").exists() and time.monotonic() < deadline:
+            time.sleep(0.05)
+        return run_fold(cfg, cohort, fold, fold_dir, seed)
+
+    monkeypatch.setattr(mil.crossval, "run_fold", run_fold_once_a_worker_has_a_fold)  # this process only
+    out = run_crossval(load_config([*_overrides(tmp_path, cohort_overrides, fast_overrides, "par"), "cv.jobs=2"]))
+    pd.testing.assert_frame_equal(_pooled(out), _pooled(sequential), check_exact=True)
+    assert (out / "metrics.json").read_text() == (sequential / "metrics.json").read_text()
+    owners = {(out / ".locks" / f"fold_{k}.owner").read_text().split(" pid ")[1].split()[0] for k in range(3)}
+    assert len(owners) == 2 and str(os.getpid()) in owners  # both processes trained folds
+    saved = load_config([str(out / "config.yaml")])
+    assert saved.cv.jobs == 2  # the workers leave the run's config as the user gave it
+    assert run_status(out).pooled
+
+
+@pytest.mark.parametrize(
+    ("setting", "n_folds", "steps", "on_cpu", "cores", "expected"),
+    [
+        ("auto", 5, 3000, True, 2, 2),  # CPU: a process per core
+        ("auto", 5, 3000, True, 16, 5),  # no more processes than folds
+        ("auto", 25, 3000, True, 64, 8),  # each process holds its own bag cache
+        ("auto", 5, 3000, False, 16, 1),  # a GPU: one process at a time
+        ("auto", 5, 200, True, 16, 1),  # tiny folds: starting processes costs more than it saves
+        ("auto", 1, 3000, True, 16, 1),
+        ("auto", 5, 3000, True, 1, 1),
+        (3, 5, 10, False, 1, 3),  # a number is taken as given, up to the folds left
+        (8, 2, 10, True, 2, 2),
+    ],
+)
+def test_local_jobs_resolves_cv_jobs(setting, n_folds, steps, on_cpu, cores, expected):
+    assert local_jobs(setting, n_folds, steps, on_cpu, cores) == expected
+
+
+@pytest.mark.parametrize("bad", [0, -1, "many", 1.5, True])
+def test_local_jobs_refuses_what_is_not_a_count(bad):
+    with pytest.raises(ValueError, match="cv.jobs"):
+        local_jobs(bad, 5, 3000, True, 2)
 
 
 def test_fold_selection_then_plain_run_only_pools(tmp_path, cohort_overrides, fast_overrides, monkeypatch):
