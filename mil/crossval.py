@@ -38,9 +38,11 @@ from mil.inference import load_weights, predict_outputs, resolve_device, save_we
 from mil.io import atomic_path, write_json, write_text
 from mil.jobs import (
     LAUNCHER_KEYS,
+    LogsToParent,
     fold_job,
     local_jobs,
     pooled_is_current,
+    relay_logs,
     run_lock,
     run_status,
     select_folds,
@@ -380,7 +382,7 @@ def run_crossval(cfg: DictConfig, folds: Sequence[int] | None = None) -> Path:
         all_folds = _splits(cfg, cohort, task, out)
         check_bags_finite(cohort, out)
     todo = select_folds(len(all_folds), folds)
-    jobs = _fold_processes(cfg, [all_folds[i] for i in todo], out) if main else 1
+    jobs = _fold_processes(cfg, cohort, [all_folds[i] for i in todo], out) if main else 1
     if jobs > 1:
         _train_in_processes(cfg, cohort, task, all_folds, out, todo, jobs)
     else:
@@ -404,21 +406,25 @@ def _train_folds(
             run_fold(cfg, cohort, fold, fold_dir, seed=cfg.train.seed + i)
 
 
-def _planned_steps(cfg: DictConfig, fold: Fold) -> int:
-    """Optimiser steps a fold plans (the budget, plus the refit's), counting a patient as one bag."""
+def _planned_work(cfg: DictConfig, cohort: Cohort, fold: Fold) -> float:
+    """Tile-features a fold plans to train on: optimiser steps (the budget, plus the refit's) x
+    tiles per step x feature width, counting a patient as one bag of the cohort's mean size
+    (an estimate to decide whether processes are worth starting)."""
     t = cfg.train
 
     def steps(n_bags: int) -> int:
         return budget_epochs(n_bags, t.batch_size, t.max_epochs, t.min_steps) * math.ceil(n_bags / t.batch_size)
 
-    return steps(len(fold.train)) + (steps(len(fold.train) + len(fold.val)) if t.refit else 0)
+    n_steps = steps(len(fold.train)) + (steps(len(fold.train) + len(fold.val)) if t.refit else 0)
+    tiles = float(np.mean([b.n_tiles for b in cohort.bags])) if cohort.bags else 0.0
+    return n_steps * t.batch_size * min(tiles, t.bag_size or tiles) * cohort.dim
 
 
-def _fold_processes(cfg: DictConfig, folds: list[Fold], out: Path) -> int:
+def _fold_processes(cfg: DictConfig, cohort: Cohort, folds: list[Fold], out: Path) -> int:
     """``cv.jobs`` resolved for the folds of this call that are not finished (:func:`mil.jobs.local_jobs`)."""
     left = [f for f in folds if not (out / f.name / "predictions.csv").is_file()]
     on_cpu = resolve_device(cfg.trainer.accelerator).type == "cpu" and str(cfg.trainer.devices) in ("1", "auto")
-    return local_jobs(cfg.cv.jobs, len(left), min((_planned_steps(cfg, f) for f in left), default=0), on_cpu)
+    return local_jobs(cfg.cv.jobs, len(left), min((_planned_work(cfg, cohort, f) for f in left), default=0), on_cpu)
 
 
 def _train_in_processes(
@@ -440,12 +446,15 @@ def _train_in_processes(
     run_cfg.trainer.enable_progress_bar = False
     logger.info("training %d folds in %d processes (cv.jobs=%s), %d torch thread(s) each", len(indices), jobs,
                 cfg.cv.jobs, threads)
-    code = (f"from mil.crossval import fold_worker; "
-            f"fold_worker({str(out)!r}, {list(indices)!r}, {threads}, {logging.getLogger().getEffectiveLevel()})")
+    # Workers send every record this process would log; it logs them as its own (mil.jobs.relay_logs).
+    level = min(logging.getLogger().getEffectiveLevel(), logging.getLogger("mil").getEffectiveLevel())
+    code = f"from mil.crossval import fold_worker; fold_worker({str(out)!r}, {list(indices)!r}, {threads}, {level})"
     package_root = str(Path(__file__).resolve().parents[1])  # the worker imports this copy of mil
     env = {**os.environ, "OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads),
            "PYTHONPATH": os.pathsep.join(p for p in (package_root, os.environ.get("PYTHONPATH")) if p)}
-    workers = [subprocess.Popen([sys.executable, "-c", code], env=env) for _ in range(jobs - 1)]
+    workers = [subprocess.Popen([sys.executable, "-c", code], env=env, stdout=subprocess.PIPE, text=True)
+               for _ in range(jobs - 1)]
+    relays = [relay_logs(w.stdout) for w in workers]
     threads_before = torch.get_num_threads()
     torch.set_num_threads(threads)
     try:
@@ -457,6 +466,8 @@ def _train_in_processes(
     finally:
         for w in workers:
             w.wait()
+        for r in relays:
+            r.join()
         torch.set_num_threads(threads_before)
     unfinished = [i for i in indices if not (out / all_folds[i].name / "predictions.csv").is_file()]
     if unfinished:  # a worker died or failed, or a `--fold` job elsewhere holds the fold: as a sequential run would
@@ -472,9 +483,11 @@ def fold_worker(run_dir: str, indices: list[int], threads: int, log_level: int) 
     """Body of a worker process of ``cv.jobs``: train the listed folds of ``run_dir`` that no process holds.
 
     Reads the run's ``config.yaml`` and ``splits.yaml`` (written by the parent) and writes only
-    fold folders; the parent pools.
+    fold folders; the parent pools. Log records go to the parent as JSON lines on stdout.
     """
-    logging.basicConfig(level=log_level, format=LOG_FORMAT, datefmt=LOG_DATEFMT)
+    handler = LogsToParent()
+    handler.setFormatter(logging.Formatter(LOG_FORMAT, LOG_DATEFMT))
+    logging.basicConfig(level=log_level, handlers=[handler], force=True)
     quiet_lightning()
     torch.set_num_threads(threads)
     out = Path(run_dir)

@@ -19,15 +19,18 @@ they work on local disks and NFSv4; Lustre needs the ``flock`` mount option.
 from __future__ import annotations
 
 import datetime
+import json
 import logging
 import os
 import socket
+import sys
+import threading
 import traceback
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import IO, Any
 
 from filelock import FileLock, Timeout
 from omegaconf import OmegaConf
@@ -42,9 +45,10 @@ DONE_FILE = "predictions.csv"  # in the fold's folder: written last, atomically
 POOLED_FILES = ("predictions.csv", "metrics.json", "summary.md")
 # Where and how jobs run; never part of what a run computes (so a resumed run may change them).
 LAUNCHER_KEYS = {"launcher.partition", "launcher.time", "launcher.gpus", "launcher.cpus", "launcher.mem", "cv.jobs"}
-# cv.jobs=auto trains folds in parallel processes only when each fold plans at least this many
-# optimiser steps: starting a process (importing torch and Lightning) costs about 5 s of CPU.
-MIN_STEPS_FOR_PROCESSES = 1000
+# cv.jobs=auto trains folds in parallel processes only when each fold plans at least this much work, in
+# tile-features (optimiser steps x tiles per step x feature width): below it a fold takes a few seconds,
+# and starting a process (importing torch and Lightning) costs about 5 s of CPU.
+MIN_WORK_FOR_PROCESSES = 10**7
 MAX_AUTO_JOBS = 8  # each process holds its own copy of the cached bags
 
 FINISHED, RUNNING, FAILED, INTERRUPTED, NOT_STARTED = "finished", "running", "failed", "interrupted", "not started"
@@ -118,26 +122,71 @@ def usable_cores() -> int:
     return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
 
 
-def local_jobs(setting: Any, n_folds: int, steps_per_fold: int, on_cpu: bool, cores: int | None = None) -> int:
+def local_jobs(setting: Any, n_folds: int, work_per_fold: float, on_cpu: bool, cores: int | None = None) -> int:
     """How many folds to train at once as processes on this machine (``cv.jobs``).
 
-    ``setting``: a positive int, or ``"auto"``: ``min(n_folds, cores, 8)`` when training runs on
-    the CPU, at least two folds are to run, there are at least two cores and each fold plans at
-    least 1,000 optimiser steps (``steps_per_fold``); else 1. A GPU is shared by one process
-    at a time, so ``auto`` is 1 there. Why: a fold at batch size 1 is a long chain of small
-    steps that keeps two cores busy only in part, and the Python work between kernels does
-    not run in parallel within a process (near_normal_120, 5 folds on 2 cores: 249 s for one
-    process with 2 threads, 158 s for two with one each; docs/benchmarks.md §2).
-    Raises ``ValueError`` for anything but a positive int or "auto".
+    ``setting``: a positive int (at most ``n_folds`` are used), or ``"auto"``: ``min(n_folds,
+    cores, 8)`` when training runs on the CPU, at least two folds are to run, there are at least
+    two cores and each fold plans at least 1e7 tile-features of work (``work_per_fold``:
+    optimiser steps x tiles per step x feature width); else 1. On a GPU ``auto`` is 1.
+    Why: at batch size 1 a fold is a long chain of small steps that keeps two cores busy only in
+    part, and the Python work between kernels never runs in parallel within a process
+    (near_normal_120, 5 folds on 2 cores: 249 s in one process with 2 threads, 148 s in two
+    with one each; docs/benchmarks.md §2). Raises ``ValueError`` unless ``setting`` is a
+    positive int or "auto".
     """
     if isinstance(setting, str) and setting.strip().lower() == "auto":
         cores = usable_cores() if cores is None else cores
-        if not on_cpu or n_folds < 2 or cores < 2 or steps_per_fold < MIN_STEPS_FOR_PROCESSES:
+        if not on_cpu or n_folds < 2 or cores < 2 or work_per_fold < MIN_WORK_FOR_PROCESSES:
             return 1
         return min(n_folds, cores, MAX_AUTO_JOBS)
     if isinstance(setting, bool) or not isinstance(setting, int) or setting < 1:
         raise ValueError(f"cv.jobs must be a positive number of processes or auto, got {setting!r}")
     return max(1, min(setting, n_folds))
+
+
+class LogsToParent(logging.Handler):
+    """A worker process's handler: each record as one JSON line on stdout, for :func:`relay_logs`.
+
+    The parent logs them through its own loggers, so a run in several processes reads (and is
+    captured, e.g. by a log file or pytest's ``caplog``) as one in a single process would.
+    """
+
+    def emit(self, record: logging.LogRecord) -> None:
+        try:
+            fields = {"name": record.name, "levelno": record.levelno, "levelname": record.levelname,
+                      "msg": record.getMessage(), "created": record.created, "process": record.process,
+                      "exc_text": self.formatter.formatException(record.exc_info) if record.exc_info and self.formatter
+                      else record.exc_text}
+            sys.stdout.write(json.dumps(fields) + "\n")
+            sys.stdout.flush()
+        except Exception:  # logging must never raise into the caller
+            self.handleError(record)
+
+
+def relay_logs(stream: IO[str]) -> threading.Thread:
+    """Log the records a worker writes with :class:`LogsToParent` through this process's loggers.
+
+    Reads ``stream`` (the worker's stdout) in a daemon thread until it closes; returns the thread.
+    Lines that are not such records are logged as they are.
+    """
+
+    def pump() -> None:
+        for line in stream:
+            try:
+                fields = json.loads(line)
+                record = logging.makeLogRecord({**fields, "args": None})
+            except (ValueError, TypeError):
+                if line.strip():
+                    logger.info("%s", line.rstrip())
+                continue
+            target = logging.getLogger(record.name)
+            if target.isEnabledFor(record.levelno):
+                target.handle(record)
+
+    thread = threading.Thread(target=pump, name="mil-worker-logs", daemon=True)
+    thread.start()
+    return thread
 
 
 def pooled_is_current(out: Path, fold_names: Sequence[str]) -> bool:

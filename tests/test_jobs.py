@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import os
 import subprocess
 import sys
@@ -53,7 +54,7 @@ def test_parallel_fold_jobs_equal_a_sequential_run(tmp_path, cohort_overrides, f
 
 
 def test_cv_jobs_trains_folds_in_several_processes_with_the_sequential_result(tmp_path, cohort_overrides, fast_overrides,
-                                                                              monkeypatch):
+                                                                              monkeypatch, caplog):
     """`cv.jobs=2`: this process and a spawned one share out the folds; the pooled run equals a sequential one."""
     sequential = run_crossval(load_config([*_overrides(tmp_path, cohort_overrides, fast_overrides, "seq"), "cv.jobs=1"]))
     import mil.crossval
@@ -68,7 +69,11 @@ def test_cv_jobs_trains_folds_in_several_processes_with_the_sequential_result(tm
         return run_fold(cfg, cohort, fold, fold_dir, seed)
 
     monkeypatch.setattr(mil.crossval, "run_fold", run_fold_once_a_worker_has_a_fold)  # this process only
-    out = run_crossval(load_config([*_overrides(tmp_path, cohort_overrides, fast_overrides, "par"), "cv.jobs=2"]))
+    with caplog.at_level(logging.INFO):
+        out = run_crossval(load_config([*_overrides(tmp_path, cohort_overrides, fast_overrides, "par"), "cv.jobs=2"]))
+    # The worker's log records are logged here, as if its folds had been trained in this process.
+    relayed = [r for r in caplog.records if r.process != os.getpid()]
+    assert any(r.name == "mil.crossval" and "fold_1 (2/3)" in r.getMessage() for r in relayed), caplog.text
     pd.testing.assert_frame_equal(_pooled(out), _pooled(sequential), check_exact=True)
     assert (out / "metrics.json").read_text() == (sequential / "metrics.json").read_text()
     owners = {(out / ".locks" / f"fold_{k}.owner").read_text().split(" pid ")[1].split()[0] for k in range(3)}
@@ -79,21 +84,21 @@ def test_cv_jobs_trains_folds_in_several_processes_with_the_sequential_result(tm
 
 
 @pytest.mark.parametrize(
-    ("setting", "n_folds", "steps", "on_cpu", "cores", "expected"),
+    ("setting", "n_folds", "work", "on_cpu", "cores", "expected"),
     [
-        ("auto", 5, 3000, True, 2, 2),  # CPU: a process per core
-        ("auto", 5, 3000, True, 16, 5),  # no more processes than folds
-        ("auto", 25, 3000, True, 64, 8),  # each process holds its own bag cache
-        ("auto", 5, 3000, False, 16, 1),  # a GPU: one process at a time
-        ("auto", 5, 200, True, 16, 1),  # tiny folds: starting processes costs more than it saves
-        ("auto", 1, 3000, True, 16, 1),
-        ("auto", 5, 3000, True, 1, 1),
+        ("auto", 5, 7e8, True, 2, 2),  # CPU: a process per core (near_normal_120: 7e8 tile-features a fold)
+        ("auto", 5, 7e8, True, 16, 5),  # no more processes than folds
+        ("auto", 25, 7e8, True, 64, 8),  # each process holds its own bag cache
+        ("auto", 5, 7e8, False, 16, 1),  # a GPU: one process at a time
+        ("auto", 5, 1e6, True, 16, 1),  # tiny folds: starting processes costs more than it saves
+        ("auto", 1, 7e8, True, 16, 1),
+        ("auto", 5, 7e8, True, 1, 1),
         (3, 5, 10, False, 1, 3),  # a number is taken as given, up to the folds left
         (8, 2, 10, True, 2, 2),
     ],
 )
-def test_local_jobs_resolves_cv_jobs(setting, n_folds, steps, on_cpu, cores, expected):
-    assert local_jobs(setting, n_folds, steps, on_cpu, cores) == expected
+def test_local_jobs_resolves_cv_jobs(setting, n_folds, work, on_cpu, cores, expected):
+    assert local_jobs(setting, n_folds, work, on_cpu, cores) == expected
 
 
 @pytest.mark.parametrize("bad", [0, -1, "many", 1.5, True])
