@@ -39,6 +39,10 @@ class DSMIL(nn.Module):
     Trains with ``train.lr=1e-3`` unless the config sets ``train.lr`` (its registry entry's
     ``train_defaults``; the reason is in the comment above the class).
 
+    Where the label means that a morphology is absent (positives lack tiles the negatives
+    have), the max-instance loss has no tile to point at in a positive bag: on such a
+    synthetic family DSMIL reached AUROC 0.88 where ABMIL reached 1.0 (docs/benchmarks.md).
+
     Options: ``hidden_dim`` (embedding width when ``embed_dims`` is None; ``embed_dims=[]``
     uses the features directly as in the original), ``dropout`` (embedding), ``embed_dims``,
     ``q_dim`` (query width, 128), ``nonlinear_q`` (two-layer tanh query network as in the
