@@ -394,9 +394,17 @@ def run_crossval(cfg: DictConfig, folds: Sequence[int] | None = None) -> Path:
 
 def _train_folds(
     cfg: DictConfig, cohort: Cohort, task: Task, all_folds: list[Fold], out: Path, indices: Sequence[int], wait: bool,
+    parent: int | None = None,
 ) -> None:
-    """Train the folds ``indices`` that are not finished; ``wait=False``: skip folds another process holds."""
+    """Train the folds ``indices`` that are not finished; ``wait=False``: skip folds another process holds.
+
+    ``parent``: a worker's parent process id; once the parent has gone (killed, interrupted),
+    no further fold is started.
+    """
     for i in indices:
+        if parent is not None and os.getppid() != parent:
+            logger.warning("the process that started this worker has ended; not starting another fold")
+            return
         fold = all_folds[i]
         fold_dir = out / fold.name
         with fold_job(out, fold.name, enabled=is_main_process(), wait=wait) as mine:
@@ -448,7 +456,8 @@ def _train_in_processes(
                 cfg.cv.jobs, threads)
     # Workers send every record this process would log; it logs them as its own (mil.jobs.relay_logs).
     level = min(logging.getLogger().getEffectiveLevel(), logging.getLogger("mil").getEffectiveLevel())
-    code = f"from mil.crossval import fold_worker; fold_worker({str(out)!r}, {list(indices)!r}, {threads}, {level})"
+    code = (f"from mil.crossval import fold_worker; "
+            f"fold_worker({str(out)!r}, {list(indices)!r}, {threads}, {level}, {os.getpid()})")
     package_root = str(Path(__file__).resolve().parents[1])  # the worker imports this copy of mil
     env = {**os.environ, "OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads),
            "PYTHONPATH": os.pathsep.join(p for p in (package_root, os.environ.get("PYTHONPATH")) if p)}
@@ -479,11 +488,12 @@ def _train_in_processes(
         _train_folds(cfg, cohort, task, all_folds, out, unfinished, wait=True)
 
 
-def fold_worker(run_dir: str, indices: list[int], threads: int, log_level: int) -> None:
+def fold_worker(run_dir: str, indices: list[int], threads: int, log_level: int, parent: int | None = None) -> None:
     """Body of a worker process of ``cv.jobs``: train the listed folds of ``run_dir`` that no process holds.
 
     Reads the run's ``config.yaml`` and ``splits.yaml`` (written by the parent) and writes only
-    fold folders; the parent pools. Log records go to the parent as JSON lines on stdout.
+    fold folders; the parent pools. Log records go to the parent as JSON lines on stdout. Once
+    the ``parent`` process has gone, no further fold is started.
     """
     handler = LogsToParent()
     handler.setFormatter(logging.Formatter(LOG_FORMAT, LOG_DATEFMT))
@@ -494,7 +504,7 @@ def fold_worker(run_dir: str, indices: list[int], threads: int, log_level: int) 
     cfg = load_config([str(out / "config.yaml"), "trainer.enable_progress_bar=false"])
     cohort, task = load_inputs(cfg)
     all_folds = load_splits(out / "splits.yaml", set(cohort.patient_ids.tolist()))
-    _train_folds(cfg, cohort, task, all_folds, out, indices, wait=False)
+    _train_folds(cfg, cohort, task, all_folds, out, indices, wait=False, parent=parent)
 
 
 def pool_results(cfg: DictConfig, out: Path, cohort: Cohort, task: Task, folds: list[Fold], force: bool = True) -> bool:

@@ -83,6 +83,22 @@ def test_cv_jobs_trains_folds_in_several_processes_with_the_sequential_result(tm
     assert run_status(out).pooled
 
 
+def test_a_worker_whose_parent_has_gone_starts_no_fold(tmp_path, cohort_overrides, fast_overrides, monkeypatch):
+    import mil.crossval
+    from mil.splits import load_splits
+
+    cfg = load_config(_overrides(tmp_path, cohort_overrides, fast_overrides, "run"))
+    out, n_folds = mil.crossval.prepare_crossval(cfg)
+    cohort, task = mil.crossval.load_inputs(cfg)
+    folds = load_splits(out / "splits.yaml", set(cohort.patient_ids.tolist()))
+    started = []
+    monkeypatch.setattr(mil.crossval, "run_fold", lambda cfg, cohort, fold, *a, **kw: started.append(fold.name))
+    mil.crossval._train_folds(cfg, cohort, task, folds, out, range(n_folds), wait=False, parent=-1)
+    assert started == []
+    mil.crossval._train_folds(cfg, cohort, task, folds, out, range(n_folds), wait=False, parent=os.getppid())
+    assert started == [f.name for f in folds]
+
+
 @pytest.mark.parametrize(
     ("setting", "n_folds", "work", "on_cpu", "cores", "expected"),
     [
