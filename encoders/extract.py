@@ -37,7 +37,7 @@ from encoders.slides import SlideRef, open_slide, resolve_mpp
 from encoders.sources import check_shard, list_slides, shard_slides
 from encoders.tiling import plan_tiles
 from mil.bags import BagError, read_bag_info, write_bag
-from mil.config import require
+from mil.config import require, usable_cores
 from mil.io import write_text
 
 logger = logging.getLogger(__name__)
@@ -99,8 +99,7 @@ def cores_for_workers(device: torch.device, workers: int) -> Iterator[None]:
     """On the CPU, leave one core per loader worker: oversubscribed BLAS threads stall badly."""
     before = torch.get_num_threads()
     if device.type == "cpu" and workers > 0:
-        cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
-        torch.set_num_threads(max(1, min(before, cores - workers)))
+        torch.set_num_threads(max(1, min(before, usable_cores() - workers)))
     try:
         yield
     finally:

@@ -173,10 +173,14 @@ class LoaderConfig:
     workers: int | None = None  # slide-reading loader workers; None: min(4, the cores this process may use)
 
 
+def usable_cores() -> int:
+    """CPU cores this process may run on (its affinity mask, e.g. a SLURM allocation)."""
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+
+
 def default_workers(limit: int = 4) -> int:
     """``min(limit, usable cores)``: more loader workers than cores only adds contention."""
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
-    return max(0, min(limit, cores))
+    return max(0, min(limit, usable_cores()))
 
 
 @dataclass

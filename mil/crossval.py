@@ -31,7 +31,7 @@ from omegaconf import DictConfig, OmegaConf
 from mil import __version__
 from mil.bags import read_bag_info
 from mil.cohort import Bag, Cohort, load_cohort
-from mil.config import ConfigError, load_config, require, save_config
+from mil.config import ConfigError, load_config, require, save_config, usable_cores
 from mil.covariates import CovariateEncoder, configured, encode_split, encoder_path, fit_fold, read_covariates
 from mil.fusion import CovariateFusion, warm_start_late_fusion
 from mil.inference import load_weights, predict_outputs, resolve_device, save_weights
@@ -46,7 +46,6 @@ from mil.jobs import (
     run_lock,
     run_status,
     select_folds,
-    usable_cores,
 )
 from mil.models import create_model
 from mil.normalize import Standardized

@@ -35,6 +35,7 @@ from typing import IO, Any
 from filelock import FileLock, Timeout
 from omegaconf import OmegaConf
 
+from mil.config import usable_cores
 from mil.io import write_text
 
 logger = logging.getLogger(__name__)
@@ -115,11 +116,6 @@ def fold_job(out: Path, fold_name: str, enabled: bool = True, wait: bool = True)
             raise
     finally:
         lock.release()
-
-
-def usable_cores() -> int:
-    """CPU cores this process may run on (its affinity mask, e.g. a SLURM allocation)."""
-    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
 
 
 def local_jobs(setting: Any, n_folds: int, work_per_fold: float, on_cpu: bool, cores: int | None = None) -> int:
