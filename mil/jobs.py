@@ -48,7 +48,7 @@ POOLED_FILES = ("predictions.csv", "metrics.json", "summary.md")
 LAUNCHER_KEYS = {"launcher.partition", "launcher.time", "launcher.gpus", "launcher.cpus", "launcher.mem", "cv.jobs"}
 # cv.jobs=auto trains folds in parallel processes only when each fold plans at least this much work, in
 # tile-features (optimiser steps x tiles per step x feature width): below it a fold takes a few seconds,
-# and starting a process (importing torch and Lightning) costs about 5 s of CPU.
+# and starting a process (importing torch and Lightning) took about 10 s on the 2-core machine.
 MIN_WORK_FOR_PROCESSES = 10**7
 MAX_AUTO_JOBS = 8  # each process holds its own copy of the cached bags
 
