@@ -2,11 +2,11 @@
 
 Where `benchmarks/extract_speed.py` gives the end-to-end ratio, this splits one slide's work
 into the steps the plain loop also does (``read_region`` + convert + resize of every kept tile)
-and the ones it does not: the transparency check of ``read_tile``, the uint8 tensors, the
-DataLoader with 0 and 1 workers (encoder replaced by zeros, as with ``--no-encode``), and the
+and the ones it does not: the transparency check of ``read_tile``, the uint8 batches,
+``encode_tiles`` with 0 and 1 reading threads (encoder replaced by zeros, as with ``--no-encode``), and the
 per-slide thumbnail, tissue detection, tissue fractions and QC PNG. Each step runs ``--repeats``
-times, interleaved; the table gives the median and the minimum of the process CPU time (for
-the 1-worker loader, the worker's CPU time included).
+times, interleaved; the table gives the median and the minimum of the process CPU time (all
+threads included).
 
     python benchmarks/extract_profile.py --out /tmp/extract_profile.json
 """
@@ -32,17 +32,17 @@ from PIL import Image
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a plain checkout
 from benchmarks.extract_speed import CMU, build_mosaic
-from encoders.dataset import SlideTiles
 from encoders.extract import encode_tiles
 from encoders.models import ENCODERS, create_encoder
 from encoders.prepare import ExtractOptions, prepare_slide
+from encoders.reader import SlideTiles, read_batches
 from encoders.slides import SlideRef, open_slide, read_thumbnail
 from encoders.tiling import grid_coords, read_tile, tissue_fraction
 from encoders.tissue import detect_tissue
 
 
 def cpu_seconds() -> float:
-    """CPU time of this process and of its finished children (loader workers)."""
+    """CPU time of this process (every thread) and of its finished children."""
     own, children = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)
     return own.ru_utime + own.ru_stime + children.ru_utime + children.ru_stime
 
@@ -87,14 +87,18 @@ def main() -> None:
                 for x, y in coords:
                     read_tile(s, path, int(x), int(y), plan)
 
-        def dataset() -> None:
+        def batches() -> None:
             items = SlideTiles(path, coords, plan, encoder.transform)
-            for i in range(len(items)):
-                items[i]
+            for _ in read_batches(items, 64, 0):
+                pass
             items.close()
 
-        def loader(workers: int) -> Callable[[], None]:
-            return lambda: encode_tiles(SlideTiles(path, coords, plan, encoder.transform), encoder, 64, workers, "x")
+        def encoded(readers: int) -> Callable[[], None]:
+            def run() -> None:
+                items = SlideTiles(path, coords, plan, encoder.transform)
+                encode_tiles(items, encoder, 64, readers, "x")
+                items.close()
+            return run
 
         def thumbnail() -> None:
             with open_slide(path) as s:
@@ -103,9 +107,9 @@ def main() -> None:
         steps: dict[str, Callable[[], object]] = {
             "tiles: read_region + convert + resize (the plain loop)": plain,
             "tiles: read_tile (transparency check, background)": tiles,
-            "tiles: read_tile + to_uint8 (SlideTiles)": dataset,
-            "tiles: DataLoader, 0 workers, zeros for the encoder": loader(0),
-            "tiles: DataLoader, 1 worker, zeros for the encoder": loader(1),
+            "tiles: read_tile + to_array into batches (SlideTiles)": batches,
+            "tiles: encode_tiles, 0 reading threads, zeros for the encoder": encoded(0),
+            "tiles: encode_tiles, 1 reading thread, zeros for the encoder": encoded(1),
             "slide: thumbnail": thumbnail,
             "slide: tissue detection": lambda: detect_tissue(np.asarray(thumb), um_per_px),
             "slide: tissue fraction of the grid": lambda: tissue_fraction(grid, plan.tile_size_level0, mask,

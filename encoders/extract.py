@@ -2,7 +2,7 @@
 
 Per slide: resolve its mpp, detect tissue on a thumbnail, lay an exact-mpp tile grid, keep
 tiles with enough tissue and write a QC PNG (:mod:`encoders.prepare`, run one slide ahead in
-a background thread), then encode the tiles (DataLoader workers read and preprocess while the
+a background thread), then encode the tiles (reading threads read and preprocess while the
 encoder runs) and write the bag atomically. A slide whose complete bag exists is skipped, so a
 killed run resumes where it stopped; a failing slide is logged and listed, and the run goes
 on. Each shard writes its own summary CSV, so ``n`` processes can share one output folder.
@@ -16,7 +16,6 @@ import io
 import logging
 import math
 import os
-import sys
 import time
 from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -27,12 +26,11 @@ from pathlib import Path
 import numpy as np
 import torch
 from omegaconf import DictConfig
-from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
-from encoders.dataset import SlideTiles
 from encoders.models import ENCODERS, TimmEncoder, create_encoder
 from encoders.prepare import ExtractOptions, PreparedSlide, prepare_slide
+from encoders.reader import SlideTiles, read_batches
 from encoders.slides import SlideRef, open_slide, resolve_mpp
 from encoders.sources import check_shard, list_slides, shard_slides
 from encoders.tiling import plan_tiles
@@ -79,7 +77,7 @@ def write_summary(path: Path, results: Sequence[SlideResult]) -> None:
 
 
 def short_reason(error: BaseException) -> str:
-    """One line: DataLoader re-raises worker errors with the whole traceback in the message."""
+    """One line naming the error: the message's last line (some libraries put a traceback in it)."""
     lines = [line.strip() for line in str(error).splitlines() if line.strip()]
     text = lines[-1] if lines else ""
     return text if text.startswith(type(error).__name__) else f"{type(error).__name__}: {text}"
@@ -95,39 +93,24 @@ def resolve_shard(shard: tuple[int, int]) -> tuple[int, int]:
 
 
 @contextmanager
-def cores_for_workers(device: torch.device, workers: int) -> Iterator[None]:
-    """On the CPU, leave one core per loader worker: oversubscribed BLAS threads stall badly."""
+def cores_for_readers(device: torch.device, readers: int) -> Iterator[None]:
+    """On the CPU, leave one core per reading thread: oversubscribed BLAS threads stall badly."""
     before = torch.get_num_threads()
-    if device.type == "cpu" and workers > 0:
-        torch.set_num_threads(max(1, min(before, usable_cores() - workers)))
+    if device.type == "cpu" and readers > 0:
+        torch.set_num_threads(max(1, min(before, usable_cores() - readers)))
     try:
         yield
     finally:
         torch.set_num_threads(before)
 
 
-def encode_tiles(tiles: SlideTiles, encoder: TimmEncoder, batch_size: int, workers: int, desc: str,
-                 loader_started: Callable[[], None] = lambda: None) -> np.ndarray:
-    """Embeddings ``[N, embed_dim]`` of a slide's tiles; ``loader_started`` runs once the workers exist."""
-    loader = DataLoader(
-        tiles,
-        batch_size=batch_size,
-        collate_fn=encoder.transform.collate,
-        num_workers=workers,
-        pin_memory=encoder.device.type == "cuda",
-        prefetch_factor=4 if workers > 0 else None,
-        # fork: workers start in milliseconds per slide; spawn/forkserver (the default from
-        # Python 3.14) would import torch again in every worker of every slide
-        multiprocessing_context="fork" if workers > 0 and sys.platform.startswith("linux") else None,
-    )
+def encode_tiles(tiles: SlideTiles, encoder: TimmEncoder, batch_size: int, readers: int, desc: str) -> np.ndarray:
+    """Embeddings ``[N, embed_dim]`` of a slide's tiles, read by ``readers`` threads (0: this thread)."""
     features = np.empty((len(tiles), encoder.embed_dim), np.float32)
-    done = 0
-    batches = iter(loader)  # forks the workers now, before any other thread of ours starts work
-    loader_started()
     with tqdm(total=len(tiles), desc=desc, unit="tile", leave=False, disable=None) as bar:
-        for batch in batches:
-            features[done : done + len(batch)] = encoder.encode_uint8(batch).cpu().numpy()
-            done += len(batch)
+        for start, batch in read_batches(tiles, batch_size, readers):
+            # [n, H, W, 3] -> a [n, 3, H, W] view; `normalize` lays it out once, on the device
+            features[start : start + len(batch)] = encoder.encode_uint8(batch.permute(0, 3, 1, 2)).cpu().numpy()
             bar.update(len(batch))
     return features
 
@@ -203,14 +186,13 @@ def prepare_or_skip(ref: SlideRef, opt: ExtractOptions, out: Path, expected: dic
         return _failed(ref, e, time.perf_counter() - start)
 
 
-def encode_slide(prep: PreparedSlide, encoder: TimmEncoder, opt: ExtractOptions, out: Path,
-                 loader_started: Callable[[], None]) -> SlideResult:
+def encode_slide(prep: PreparedSlide, encoder: TimmEncoder, opt: ExtractOptions, out: Path) -> SlideResult:
     """Encode a prepared slide and write its bag; never raises (failures become results)."""
     start = time.perf_counter()
     ref = prep.ref
-    tiles = SlideTiles(ref.path, prep.coords, prep.plan, encoder.transform)
+    tiles = SlideTiles(ref.path, prep.coords, prep.plan, encoder.transform, pin_memory=encoder.device.type == "cuda")
     try:
-        features = encode_tiles(tiles, encoder, opt.batch_size, opt.workers, ref.slide_id, loader_started)
+        features = encode_tiles(tiles, encoder, opt.batch_size, opt.workers, ref.slide_id)
         attrs = {**encoder.bag_attrs(), **prep.bag_attrs(opt.min_tissue, opt.thumbnail_px)}
         write_bag(bag_path(out, ref.slide_id), features, prep.coords, attrs)
     except Exception as e:  # one bad slide must not stop the run
@@ -231,12 +213,10 @@ def _failed(ref: SlideRef, error: Exception, seconds: float) -> SlideResult:
 
 def extract_slides(refs: Sequence[SlideRef], encoder: TimmEncoder, opt: ExtractOptions,
                    out: Path) -> Iterator[SlideResult]:
-    """Results slide by slide, preparing the next slide in a thread while this one is encoded.
+    """Results slide by slide; a background thread prepares the next slide while this one is encoded.
 
-    The thread renders this slide's QC PNG and then prepares the next slide only after this
-    slide's loader workers are forked, so no thread of ours is inside OpenSlide or another C
-    library while ``fork`` copies its locks. Neither is needed to encode this slide's tiles, so
-    both overlap its encoding instead of delaying it.
+    The same thread then renders this slide's QC PNG: neither is needed to encode this slide's
+    tiles, so both overlap its encoding instead of delaying it.
     """
     expected = {**encoder.bag_attrs(), "mpp": opt.target_mpp, "tile_px": opt.tile_px}
     with ThreadPoolExecutor(1, thread_name_prefix="slide-prep") as pool:
@@ -244,24 +224,18 @@ def extract_slides(refs: Sequence[SlideRef], encoder: TimmEncoder, opt: ExtractO
         qc: list[list[Callable[[], None]]] = []  # per slide: its deferred QC rendering
 
         def start(i: int) -> None:
-            if i < len(refs) and len(upcoming) <= i:
+            if i < len(refs):
                 qc.append([])
                 upcoming.append(pool.submit(prepare_or_skip, refs[i], opt, out, expected, qc[i].append))
-
-        def background(i: int) -> None:  # after slide i's workers exist: its QC, then the next slide
-            while qc[i]:
-                pool.submit(_write_qc, refs[i], qc[i].pop())
-            start(i + 1)
 
         start(0)
         for i in range(len(refs)):
             item = upcoming[i].result()  # type: ignore[union-attr]
             upcoming[i] = None  # let the prepared slide be freed
-            if isinstance(item, PreparedSlide):
-                yield encode_slide(item, encoder, opt, out, loader_started=lambda i=i: background(i))
-            else:
-                yield item
-            background(i)  # no-op when the loader already started it
+            start(i + 1)
+            while qc[i]:
+                pool.submit(_write_qc, refs[i], qc[i].pop())
+            yield encode_slide(item, encoder, opt, out) if isinstance(item, PreparedSlide) else item
 
 
 def _write_qc(ref: SlideRef, write: Callable[[], None]) -> None:
@@ -287,7 +261,7 @@ def run_extract(cfg: DictConfig, shard: tuple[int, int] = (0, 1)) -> Path:
     results: list[SlideResult] = []
     write_summary(summary, results)
     bar = tqdm(total=len(refs), desc=f"slides (shard {shard[0]}/{shard[1]})", unit="slide", disable=None)
-    with bar, cores_for_workers(encoder.device, opt.workers):
+    with bar, cores_for_readers(encoder.device, opt.workers):
         for result in extract_slides(refs, encoder, opt, out):
             results.append(result)
             write_summary(summary, results)  # kept current, so a killed run still has one

@@ -1,6 +1,6 @@
-"""Tile preprocessing: PIL tile -> resized uint8 tensor (in loader workers) -> normalised float.
+"""Tile preprocessing: PIL tile -> resized uint8 array (in reading threads) -> normalised float.
 
-The split lets DataLoader workers ship uint8 tensors (4x smaller than float32) and the
+The split lets reading threads fill uint8 batches (4x smaller than float32) and the
 normalisation run on the encoder's device; ``TilePreprocess(img)`` does both, and equals
 the torchvision ``Resize -> CenterCrop -> ToTensor -> Normalize`` chain of the model cards.
 """
@@ -46,7 +46,7 @@ class PreprocessSpec:
 
 
 class TilePreprocess:
-    """Picklable, so DataLoader workers can run :meth:`to_uint8`."""
+    """An encoder's preprocessing: :meth:`to_array` per tile, then :meth:`normalize` per batch."""
 
     def __init__(self, spec: PreprocessSpec) -> None:
         self.spec = spec
@@ -54,8 +54,8 @@ class TilePreprocess:
         self._scale = (1.0 / (255.0 * torch.tensor(spec.std))).view(1, 3, 1, 1)
         self._shift = (torch.tensor(spec.mean) / torch.tensor(spec.std)).view(1, 3, 1, 1)
 
-    def to_uint8(self, img: Image.Image) -> torch.Tensor:
-        """Resize and crop a tile; returns uint8 ``[3, H, W]``."""
+    def to_array(self, img: Image.Image) -> np.ndarray:
+        """Resize and crop a tile; returns uint8 ``[H, W, 3]`` (channels last, as the image's pixels)."""
         if img.mode != "RGB":  # tiles from `read_tile` are RGB already: no per-tile copy
             img = img.convert("RGB")
         w, h = img.size
@@ -69,17 +69,16 @@ class TilePreprocess:
             c = self.spec.crop_px
             left, top = round((w - c) / 2), round((h - c) / 2)
             img = img.crop((left, top, left + c, top + c))
-        # numpy, not torch, for the HWC -> CHW copy: single-threaded and cheap in any process
-        return torch.from_numpy(np.ascontiguousarray(np.asarray(img).transpose(2, 0, 1)))
+        return np.asarray(img)
 
-    @staticmethod
-    def collate(tiles: list[torch.Tensor]) -> torch.Tensor:
-        """Stack uint8 tiles into a batch (DataLoader ``collate_fn``; numpy avoids thread overhead)."""
-        return torch.from_numpy(np.stack([t.numpy() for t in tiles]))
+    def to_uint8(self, img: Image.Image) -> torch.Tensor:
+        """Resize and crop a tile; returns uint8 ``[3, H, W]``."""
+        return torch.from_numpy(np.ascontiguousarray(self.to_array(img).transpose(2, 0, 1)))
 
     def normalize(self, images: torch.Tensor) -> torch.Tensor:
-        """uint8 ``[B, 3, H, W]`` (any device) -> normalised float32."""
-        x = images.to(dtype=torch.float32, copy=True)  # never scale the caller's tensor in place
+        """uint8 ``[B, 3, H, W]`` (any device, any memory layout) -> normalised, contiguous float32."""
+        # one pass converts and lays out (a channels-last view of the reading threads' batches)
+        x = images.to(dtype=torch.float32, memory_format=torch.contiguous_format, copy=True)
         return x.mul_(self._scale.to(x.device)).sub_(self._shift.to(x.device))
 
     def __call__(self, img: Image.Image) -> torch.Tensor:

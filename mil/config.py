@@ -170,7 +170,7 @@ class TaskConfig:
 
 @dataclass
 class LoaderConfig:
-    workers: int | None = None  # slide-reading loader workers; None: min(4, the cores this process may use)
+    workers: int | None = None  # tile-reading threads of `mil extract` (0: the main thread); None: min(4, usable cores)
 
 
 def usable_cores() -> int:
@@ -179,7 +179,7 @@ def usable_cores() -> int:
 
 
 def default_workers(limit: int = 4) -> int:
-    """``min(limit, usable cores)``: more loader workers than cores only adds contention."""
+    """``min(limit, usable cores)``: more reading threads than cores only adds contention."""
     return max(0, min(limit, usable_cores()))
 
 
