@@ -107,8 +107,10 @@ def cores_for_readers(device: torch.device, readers: int) -> Iterator[None]:
 def encode_tiles(tiles: SlideTiles, encoder: TimmEncoder, batch_size: int, readers: int, desc: str) -> np.ndarray:
     """Embeddings ``[N, embed_dim]`` of a slide's tiles, read by ``readers`` threads (0: this thread)."""
     features = np.empty((len(tiles), encoder.embed_dim), np.float32)
-    with tqdm(total=len(tiles), desc=desc, unit="tile", leave=False, disable=None) as bar:
-        for start, batch in read_batches(tiles, batch_size, readers):
+    # closing(): on an encoder error the readers stop here, before the caller closes their slide handles
+    with tqdm(total=len(tiles), desc=desc, unit="tile", leave=False, disable=None) as bar, \
+            closing(read_batches(tiles, batch_size, readers)) as batches:
+        for start, batch in batches:
             # [n, H, W, 3] -> a [n, 3, H, W] view; `normalize` lays it out once, on the device
             features[start : start + len(batch)] = encoder.encode_uint8(batch.permute(0, 3, 1, 2)).cpu().numpy()
             bar.update(len(batch))

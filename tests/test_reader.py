@@ -10,6 +10,7 @@ import pytest
 import torch
 
 from encoders import reader as reader_module
+from encoders.extract import encode_tiles
 from encoders.models import create_encoder
 from encoders.reader import SlideTiles, read_batches
 from encoders.slides import SlideError, open_slide
@@ -76,3 +77,20 @@ def test_every_reading_thread_opens_its_own_handle_and_close_closes_them(tiles, 
     for _, handle in opened:
         with pytest.raises(ctypes.ArgumentError):  # what a closed OpenSlide handle raises on use
             handle.dimensions  # noqa: B018
+
+
+def test_an_encoder_error_stops_every_reader_before_the_slide_is_closed(tiles):
+    class FailingEncoder:
+        embed_dim = 4
+        calls = 0
+
+        def encode_uint8(self, images):
+            self.calls += 1
+            if self.calls == 2:
+                raise RuntimeError("CUDA out of memory")
+            return torch.zeros(len(images), 4)
+
+    with pytest.raises(RuntimeError, match="out of memory"):
+        encode_tiles(tiles, FailingEncoder(), 4, readers=3, desc="s")
+    assert not [t for t in threading.enumerate() if t.name.startswith("tile-reader")]
+    tiles.close()
