@@ -17,7 +17,6 @@ import argparse
 import json
 import math
 import os
-import resource
 import shutil
 import statistics
 import sys
@@ -31,7 +30,7 @@ import torch
 from PIL import Image
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a plain checkout
-from benchmarks.extract_speed import CMU, build_mosaic
+from benchmarks.extract_speed import CMU, build_mosaic, cpu_seconds
 from encoders.extract import encode_tiles
 from encoders.models import ENCODERS, create_encoder
 from encoders.prepare import ExtractOptions, prepare_slide
@@ -39,12 +38,6 @@ from encoders.reader import SlideTiles, read_batches
 from encoders.slides import SlideRef, open_slide, read_thumbnail
 from encoders.tiling import grid_coords, read_tile, tissue_fraction
 from encoders.tissue import detect_tissue
-
-
-def cpu_seconds() -> float:
-    """CPU time of this process (every thread) and of its finished children."""
-    own, children = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)
-    return own.ru_utime + own.ru_stime + children.ru_utime + children.ru_stime
 
 
 def main() -> None:
