@@ -81,6 +81,8 @@ RECIPES: dict[str, list[str]] = {
     "grid:steps=2000": ["train.min_steps=2000", "train.max_epochs=30"],  # the budget before 2026-11-30
     "grid:hidden=128": ["model.args.hidden_dim=128"],  # ABMIL-family widths only
     "grid:no_refit": ["train.refit=false"],  # the fold's model is the one selected on validation (before 2026-11-30 pm)
+    "grid:cosine": ["train.scheduler=cosine"],  # decays to 0 over the budget (and over the refit's shorter one)
+    "grid:inner_folds=2": ["cv.inner_folds=2"],  # the epoch chosen on 2 inner folds of all training patients
 }
 
 

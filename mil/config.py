@@ -66,6 +66,9 @@ class CVConfig:
     seed: int = 0
     split_file: str | None = None  # reuse a splits.yaml exactly
     val_fraction: float = 0.2  # inner validation split of each training fold (early stopping)
+    # k >= 2: choose the epoch (and threshold) on k inner splits of each training fold instead of one
+    # val_fraction split (k models, each validated on one part), then train the fold's model on all of them
+    inner_folds: int = 0
     bootstrap: int = 1000  # resamples for the 95% confidence intervals of pooled metrics
     ablation: bool = False  # with cohort.covariates: also train slide-only and covariates-only models on the same folds
     # Folds trained at once as processes on this machine: a number, or "auto" (on the CPU, up to one per

@@ -26,6 +26,7 @@ import numpy as np
 import pandas as pd
 import torch
 from lightning.fabric.utilities.rank_zero import rank_zero_only
+from lightning.pytorch.callbacks import Callback
 from omegaconf import DictConfig, OmegaConf
 
 from mil import __version__
@@ -62,11 +63,19 @@ from mil.provenance import (
 )
 from mil.report import write_report
 from mil.slide_scores import pool_fold_slide_predictions, write_slide_predictions
-from mil.splits import Fold, SplitError, inner_split, load_splits, make_splits, save_splits
+from mil.splits import Fold, SplitError, inner_folds, inner_split, load_splits, make_splits, save_splits
 from mil.tables import ONLY_EMPTY_IS_MISSING
 from mil.tasks import Task, create_task, task_class, task_from_meta
 from mil.thresholds import record_in_run, validation_threshold
-from mil.training import budget_epochs, fit
+from mil.training import (
+    ValidationRecord,
+    best_smoothed_epoch,
+    budget_epochs,
+    first_eligible_epoch,
+    fit,
+    resolve_selection,
+    training_warnings,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -120,9 +129,25 @@ def load_inputs(cfg: DictConfig) -> tuple[Cohort, Task]:
     return cohort, cls(cohort.columns, cfg)
 
 
+def check_inner_folds(cfg: DictConfig) -> None:
+    """``cv.inner_folds``: 0 (one validation split), or 2 or more with the refit on, on one process."""
+    k = cfg.cv.inner_folds
+    problems = []
+    if k == 1 or k < 0:
+        problems.append(f"cv.inner_folds must be 0 (one validation split, cv.val_fraction) or at least 2, got {k}")
+    if k and not cfg.train.refit:
+        problems.append("cv.inner_folds needs train.refit=true: the inner models only choose the epoch, the fold's "
+                        "model is then trained on all its training patients")
+    if k and cfg.trainer.devices not in (1, "1"):
+        problems.append(f"cv.inner_folds trains on one device; got trainer.devices={cfg.trainer.devices}")
+    if problems:
+        raise ConfigError("; ".join(problems))
+
+
 def prepare_run(cfg: DictConfig, kind: str) -> tuple[Path, Cohort, Task]:
     """Validate the config, load the cohort and write the run's metadata files."""
     require(cfg, _REQUIRED + task_class(cfg).required_keys(cfg), kind)
+    check_inner_folds(cfg)
     out = Path(cfg.output_dir)
     _check_resumable(cfg, out)
     cohort, task = load_inputs(cfg)
@@ -197,6 +222,17 @@ def _train_one(
     the chosen number of epochs; the threshold, warnings and validation values still come from
     the model that was selected on ``val`` (the only predictions of unseen patients).
     """
+    if cfg.cv.inner_folds:
+        dev = sorted([*train, *val])
+        summary = _choose_on_inner_folds(cfg, cohort, task, dev, out_dir, seed, what)
+        if summary is not None:
+            epochs = int(summary["best_epoch"]) + 1
+            logger.info("%s: training on all %d training patients for the %d epochs chosen on %d inner folds", what,
+                        len(dev), epochs, cfg.cv.inner_folds)
+            model, refit, encoder = _fit_model(cfg, cohort, task, dev, dev, out_dir / "refit", seed, f"{what} (refit)",
+                                               fixed_epochs=epochs)  # no validation: ``dev`` only fills the slot
+            summary["refit"] = {k: refit[k] for k in ("epochs_run", "steps_run", "n_bags")}
+            return model, summary, encoder
     model, summary, encoder = _fit_model(cfg, cohort, task, train, val, out_dir, seed, what)
     if is_main_process():  # validation predictions only
         val_bags = cohort.subset(set(val))
@@ -212,9 +248,70 @@ def _train_one(
     return model, summary, encoder
 
 
+def _choose_on_inner_folds(
+    cfg: DictConfig, cohort: Cohort, task: Task, dev: list[str], out_dir: Path, seed: int, what: str,
+) -> dict[str, Any] | None:
+    """Choose the number of epochs and the call threshold on ``cv.inner_folds`` inner splits of ``dev``.
+
+    k-fold early stopping (e.g. Prechelt 1998; the inner loop of nested cross-validation): the
+    ``dev`` patients (a fold's training + validation patients) are split into k stratified parts;
+    k models each train on k - 1 parts and are validated every epoch on the remaining one. The
+    epoch with the best trailing mean (``train.monitor_window``) of the monitor, averaged over the
+    k parts, is chosen, and the threshold is chosen on the k parts' pooled predictions at that
+    epoch: every training patient informs the choice, where one validation split of a small
+    cohort is too small to rank epochs. Returns the fold's summary (as :func:`mil.training.fit`'s,
+    plus ``threshold`` and ``inner_folds``), or None when even all ``dev`` patients are too few
+    to rank epochs (``train.selection``), in which case the caller trains as without inner folds.
+    """
+    t, k = cfg.train, int(cfg.cv.inner_folds)
+    dev_bags = cohort.subset(set(dev))
+    if resolve_selection(t.selection, task.encode(dev_bags), task, t.min_val_bags) != "best":
+        logger.info("%s: %d training patients are too few to rank epochs (train.min_val_bags=%d): cv.inner_folds "
+                    "not used; keeping the last epoch of the budget", what, len(dev), t.min_val_bags)
+        return None
+    strata, names = task.strata(dev_bags)
+    parts = inner_folds(np.array([b.patient_id for b in dev_bags]), strata, names, k, seed,
+                        f"the training patients of {what}")
+    inner_cfg = cfg.copy()
+    inner_cfg.train.selection, inner_cfg.train.patience = "best", None  # a full validation curve from every part
+    records: list[ValidationRecord] = []
+    val_bags: list[Bag] = []
+    for j, (train_j, val_j) in enumerate(parts):
+        record = ValidationRecord()
+        _fit_model(inner_cfg, cohort, task, train_j, val_j, out_dir / f"inner_{j}", seed, f"{what} (inner {j + 1}/{k})",
+                   callbacks=[record])
+        records.append(record)
+        val_bags += cohort.subset(set(val_j))
+    monitor = task.default_monitor if t.monitor == "auto" else t.monitor
+    n_epochs = min(len(r.epochs) for r in records)  # inner parts differ by a patient or so: the common epochs
+    curve = [{"epoch": e, **{key: float(np.mean([r.epochs[e].get(key, math.nan) for r in records]))
+                             for key in (monitor, "val_loss")}} for e in range(n_epochs)]
+    start = first_eligible_epoch(t, n_epochs, math.ceil(min(len(p[0]) for p in parts) / t.batch_size))
+    chosen = best_smoothed_epoch(curve, monitor, task.monitor_modes[monitor], min(t.monitor_window, n_epochs), start)
+    if chosen is None:
+        epoch, smoothed = n_epochs - 1, math.nan
+        notes = [f"no finite {monitor} averaged over {k} inner folds: kept the last epoch"]
+    else:
+        (epoch, smoothed), notes = chosen, []
+    at_kept = curve[epoch]
+    notes += training_warnings(epoch, n_epochs, at_kept, {}, curve)
+    for w in notes:
+        logger.warning("%s: %s", what, w)
+    outputs = np.concatenate([r.outputs[epoch] for r in records])  # in the order of val_bags
+    threshold = task.choose_threshold(val_bags, outputs) if task.has_threshold else None
+    logger.info("%s: epoch %d chosen on %d inner folds (mean %s %.4f, smoothed %.4f)%s", what, epoch, k, monitor,
+                at_kept[monitor], smoothed, "" if threshold is None else f"; threshold {threshold:.4f}")
+    return {
+        "best_epoch": epoch, "monitor": monitor, f"best_{monitor}": at_kept[monitor], f"smoothed_{monitor}": smoothed,
+        "selection": f"best, averaged over {k} inner folds", "epochs_run": n_epochs,
+        "warnings": notes, "threshold": threshold,
+        "inner_folds": {"k": k, "n_val": [len(v) for _, v in parts], "curve": curve},
+    }
+
+
 def _fit_model(
     cfg: DictConfig, cohort: Cohort, task: Task, train: list[str], val: list[str], out_dir: Path, seed: int, what: str,
-    fixed_epochs: int | None = None,
+    fixed_epochs: int | None = None, callbacks: Sequence[Callback] = (),
 ) -> tuple[torch.nn.Module, dict[str, Any], CovariateEncoder | None]:
     """Fit one model (see :func:`mil.training.fit`; ``fixed_epochs``: no validation, final weights kept)."""
     train_bags, val_bags = cohort.subset(set(train)), cohort.subset(set(val))
@@ -233,6 +330,7 @@ def _fit_model(
     model, summary = fit(
         cfg, task.wrap(model, train_targets), task, train_bags, train_targets, val_bags, task.encode(val_bags),
         out_dir, seed, train_covariates=x_train, val_covariates=x_val, fixed_epochs=fixed_epochs, name=what,
+        callbacks=callbacks,
     )
     if task.calibrates:  # e.g. survival: centre the risk on the training bags' median
         task.calibrate(model, predict_outputs(model, train_bags, cfg.train.eval_batch_size,
@@ -414,7 +512,7 @@ def _train_folds(
 
 
 def _planned_work(cfg: DictConfig, cohort: Cohort, fold: Fold) -> float:
-    """Tile-features a fold plans to train on: optimiser steps (the budget, plus the refit's) x
+    """Tile-features a fold plans to train on: optimiser steps (the budget or the inner folds', plus the refit's) x
     tiles per step x feature width, counting a patient as one bag of the cohort's mean size
     (an estimate to decide whether processes are worth starting)."""
     t = cfg.train
@@ -422,7 +520,9 @@ def _planned_work(cfg: DictConfig, cohort: Cohort, fold: Fold) -> float:
     def steps(n_bags: int) -> int:
         return budget_epochs(n_bags, t.batch_size, t.max_epochs, t.min_steps) * math.ceil(n_bags / t.batch_size)
 
-    n_steps = steps(len(fold.train)) + (steps(len(fold.train) + len(fold.val)) if t.refit else 0)
+    n_dev, k = len(fold.train) + len(fold.val), cfg.cv.inner_folds
+    first = k * steps(n_dev * (k - 1) // k) if k else steps(len(fold.train))  # the fit(s) that choose the epoch
+    n_steps = first + (steps(n_dev) if t.refit else 0)
     tiles = float(np.mean([b.n_tiles for b in cohort.bags])) if cohort.bags else 0.0
     return n_steps * t.batch_size * min(tiles, t.bag_size or tiles) * cohort.dim
 
@@ -548,7 +648,7 @@ def append_training_health(out: Path, fold_names: list[str]) -> None:
     """
     lines = ["", "## Training", "", "| fold | kept epoch | epochs run | refit: epochs on bags | warnings |",
              "|---|---|---|---|---|"]
-    flagged = refitted = 0
+    flagged = refitted = inner = 0
     for name in fold_names:
         path = out / name / "summary.json"
         if not path.is_file():
@@ -558,9 +658,14 @@ def append_training_health(out: Path, fold_names: list[str]) -> None:
         flagged += bool(warnings)
         refit = s.get("refit")
         refitted += refit is not None
+        inner = max(inner, s.get("inner_folds", {}).get("k", 0))
         refit_cell = f"{refit['epochs_run']} on {refit['n_bags']}" if refit else "—"
         lines.append(f"| {name} | {s.get('best_epoch')} | {s.get('epochs_run')} | {refit_cell} | {'; '.join(warnings) or '—'} |")
-    if refitted:  # the test folds were predicted by the refit models; the warnings describe the selected ones
+    if inner:  # the test folds were predicted by models trained on every training patient
+        lines[2:2] = [f"Each fold's epoch was chosen on the validation curve averaged over {inner} inner folds of its "
+                      "training patients (`cv.inner_folds`), then a model was trained on all of them for that many "
+                      "epochs; kept epochs and warnings describe the averaged curve.", ""]
+    elif refitted:  # the test folds were predicted by the refit models; the warnings describe the selected ones
         lines[2:2] = [f"Each of {refitted} folds was refit on its training + validation patients for the kept epochs "
                       "(`train.refit`); kept epochs and warnings describe the model selected on validation.", ""]
     if flagged:

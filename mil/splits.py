@@ -70,6 +70,22 @@ def inner_split(
     return sorted(uniq[train_idx].tolist()), sorted(uniq[val_idx].tolist())
 
 
+def inner_folds(
+    patients: np.ndarray, labels: np.ndarray, names: list[str], k: int, seed: int, what: str,
+) -> list[tuple[list[str], list[str]]]:
+    """``k`` stratified (train, val) splits of ``patients`` whose val parts cover every patient once.
+
+    ``patients`` and ``labels`` (stratum indices into ``names``) are per bag, as for
+    :func:`make_splits`; each patient is in exactly one val part. ``what`` names the patients in
+    errors (e.g. "the training patients of fold_0"). Raises :class:`SplitError` when a stratum has
+    fewer than ``k`` patients.
+    """
+    uniq, per_patient = _patient_labels(patients, labels)
+    check_class_counts(uniq, per_patient, k, names, f"cv.inner_folds={k} on {what}")
+    sgkf = StratifiedGroupKFold(n_splits=k, shuffle=True, random_state=seed)
+    return [(sorted(uniq[a].tolist()), sorted(uniq[b].tolist())) for a, b in sgkf.split(uniq, per_patient, groups=uniq)]
+
+
 def make_splits(
     patients: np.ndarray,
     labels: np.ndarray,

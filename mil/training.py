@@ -12,10 +12,12 @@ import copy
 import logging
 import math
 import warnings
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 import lightning as L
+import numpy as np
 import torch
 from lightning.pytorch.callbacks import Callback
 from omegaconf import DictConfig
@@ -105,11 +107,12 @@ class MILModule(L.LightningModule):
                      batch_size=self._epoch_bags)
         return loss
 
-    def validation_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> None:
+    def validation_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
         loss, logits = self.compute_loss(batch)
         self.val_metrics.update(logits, batch["target"])
         if not self.task.epoch_loss:
             self.val_loss.update(loss.detach(), weight=len(logits))
+        return logits.detach()  # [B, n_outputs], for ValidationRecord
 
     def on_validation_epoch_end(self) -> None:
         values = self.val_metrics.compute()
@@ -225,6 +228,62 @@ class BestWeights(Callback):
             trainer.should_stop = True
 
 
+class ValidationRecord(Callback):
+    """Every validation epoch's logged values and raw outputs, for choosing an epoch over several fits.
+
+    ``epochs[i]``: ``{"epoch": e, "val_loss": ..., "val_auroc": ...}`` (every logged ``val_*``);
+    ``outputs[i]``: the model's raw outputs [n_val, n_outputs] (float32) of that epoch, in the
+    validation loader's order (the order of the validation bags). One process only (no DDP).
+    """
+
+    def __init__(self) -> None:
+        self.epochs: list[dict[str, float]] = []
+        self.outputs: list[np.ndarray] = []
+        self._batches: list[torch.Tensor] = []
+
+    def on_validation_batch_end(
+        self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any, batch_idx: int,
+        dataloader_idx: int = 0,
+    ) -> None:
+        self._batches.append(outputs.float().cpu())
+
+    def on_validation_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if trainer.sanity_checking:
+            return
+        values = {k: float(v) for k, v in trainer.callback_metrics.items() if k.startswith("val_")}
+        self.epochs.append({"epoch": trainer.current_epoch, **values})
+        self.outputs.append(torch.cat(self._batches).numpy())
+        self._batches = []
+
+
+def best_smoothed_epoch(
+    curve: list[dict[str, float]], monitor: str, mode: str, window: int, start_epoch: int = 0,
+) -> tuple[int, float] | None:
+    """The epoch of ``curve`` with the best trailing mean of ``monitor`` over ``window`` epochs.
+
+    ``curve``: one dict per validation epoch, in order, with ``epoch``, ``monitor`` and
+    ``val_loss``. The same rule as :class:`BestWeights`: an epoch is eligible once its window is
+    full and ``start_epoch`` is reached; windows with a non-finite value are skipped; ties go to
+    the lower smoothed ``val_loss``, then to the earlier epoch. Returns ``(epoch, smoothed value)``,
+    or None when no epoch is eligible.
+    """
+    window = max(1, window)
+    sign = 1.0 if mode == "max" else -1.0
+    best: tuple[float, float, int, float] | None = None  # (-sign * value, loss, epoch, value): the minimum wins
+    for i in range(window - 1, len(curve)):
+        recent = curve[i - window + 1 : i + 1]
+        values = [h[monitor] for h in recent]
+        if curve[i]["epoch"] < start_epoch or not all(math.isfinite(v) for v in values):
+            continue
+        value = sum(values) / window
+        losses = [h.get("val_loss", math.nan) for h in recent]
+        loss = sum(losses) / window if all(math.isfinite(v) for v in losses) else math.inf
+        key = (round(-sign * value, 9), loss, int(curve[i]["epoch"]), value)
+        if best is None or key < best:
+            best = key
+    return None if best is None else (best[2], best[3])
+
+
 def resolve_selection(selection: str, val_targets: torch.Tensor, task: Task, min_val_bags: int) -> str:
     """``"auto"``: select an epoch (``"best"``) only when the validation split can rank epochs.
 
@@ -241,6 +300,13 @@ def resolve_selection(selection: str, val_targets: torch.Tensor, task: Task, min
         smallest = int(torch.bincount(labelled).min()) if len(labelled) else 0
         return "best" if smallest >= min_val_bags else "last"
     return "best" if len(y) >= 4 * min_val_bags else "last"
+
+
+def first_eligible_epoch(train_cfg: DictConfig, epochs: int, steps_per_epoch: int) -> int:
+    """The first epoch that may be kept: the one in which the warm-up ends (``train.warmup_steps``,
+    at most half the budget), and at the latest the last of ``epochs``."""
+    warmup = min(train_cfg.warmup_steps, epochs * steps_per_epoch // 2)
+    return min(math.ceil(warmup / steps_per_epoch), epochs - 1)
 
 
 def budget_epochs(n_train: int, batch_size: int, max_epochs: int, min_steps: int, world_size: int = 1) -> int:
@@ -335,6 +401,7 @@ def fit(
     val_covariates: torch.Tensor | None = None,
     fixed_epochs: int | None = None,
     name: str | None = None,
+    callbacks: Sequence[Callback] = (),
 ) -> tuple[nn.Module, dict[str, Any]]:
     """Train ``model`` on the training bags for ``task``, choosing the epoch on the validation bags.
 
@@ -342,7 +409,8 @@ def fit(
     ``fixed_epochs``: train exactly this many epochs and keep the final weights, with no
     validation at all (the refit of ``train.refit``: the epoch was chosen before, and the
     validation bags are among the training bags); ``val_*`` are then ignored. ``name`` labels
-    the progress lines, e.g. "fold_0 (refit)" (default: the name of ``out_dir``).
+    the progress lines, e.g. "fold_0 (refit)" (default: the name of ``out_dir``). ``callbacks``:
+    more Lightning callbacks for the trainer (e.g. a :class:`ValidationRecord`).
     Returns the network with the best epoch's weights and a summary of the run.
     """
     if fixed_epochs is not None:
@@ -359,13 +427,14 @@ def fit(
     module = _module(cfg, model, task, train_targets)
     mode = modes[monitor]
     selection = resolve_selection(t.selection, val_targets, task, t.min_val_bags)
-    warmup_epochs = math.ceil(min(t.warmup_steps, epochs * steps_per_epoch // 2) / steps_per_epoch)
     best = BestWeights(
-        monitor, mode, window=min(t.monitor_window, epochs), start_epoch=min(warmup_epochs, epochs - 1), selection=selection,
+        monitor, mode, window=min(t.monitor_window, epochs), start_epoch=first_eligible_epoch(t, epochs, steps_per_epoch),
+        selection=selection,
         patience=t.patience, min_steps=max(t.min_steps, t.min_epochs * steps_per_epoch),
     )
     # Too few validation bags to rank epochs: validate once, after the last epoch (threshold, warnings).
-    trainer = _trainer(cfg, out_dir, epochs, [best], validate_every=epochs if selection == "last" else 1, name=name)
+    trainer = _trainer(cfg, out_dir, epochs, [best, *callbacks], validate_every=epochs if selection == "last" else 1,
+                       name=name)
     train_loader = make_loader(
         BagDataset(train_bags, train_targets, t.bag_size, covariates=train_covariates), t.batch_size, shuffle=True,
         num_workers=t.num_workers,

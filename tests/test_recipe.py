@@ -188,3 +188,58 @@ def test_epoch_losses_are_logged_and_a_last_selection_validates_once(tmp_path, c
     assert (train.train_loss > 0).all()
     val_epochs = list(log.dropna(subset=["val_loss"]).epoch)
     assert val_epochs == ([3] if selection == "last" else [0, 1, 2, 3])
+
+
+def test_best_smoothed_epoch_matches_best_weights():
+    """The offline rule (inner folds) and the online callback keep the same epoch."""
+    from mil.training import best_smoothed_epoch
+
+    values, losses = [0.5, 1.0, 0.5, 0.6, 0.9, 0.9, 0.9, 0.9], [1, 1, 1, 1, 0.6, 0.5, 0.4, 0.9]
+    online = BestWeights("val_auroc", "max", window=3, start_epoch=1)
+    _feed(online, values, losses)
+    curve = [{"epoch": e, "val_auroc": v, "val_loss": loss} for e, (v, loss) in enumerate(zip(values, losses, strict=True))]
+    assert best_smoothed_epoch(curve, "val_auroc", "max", 3, start_epoch=1) == (online.best_epoch, pytest.approx(0.9))
+    assert best_smoothed_epoch([{"epoch": 0, "val_auroc": math.nan, "val_loss": 1.0}], "val_auroc", "max", 1) is None
+
+
+def test_inner_folds_choose_the_epoch_on_every_training_patient(tmp_path, cohort_overrides, fast_overrides):
+    """``cv.inner_folds=k``: k inner models, each validated on one part of the training patients,
+    choose one epoch and the threshold; the fold's model is then trained on all training patients."""
+    import pandas as pd
+
+    from mil.splits import load_splits
+
+    out = run_crossval(load_config([*cohort_overrides, *fast_overrides, "cv.folds=2", "cv.inner_folds=2",
+                                    "train.refit=true", "train.monitor_window=2", "train.min_val_bags=2",
+                                    "trainer.logger=csv", f"output_dir={tmp_path / 'cv'}"]))
+    folds = {f.name: f for f in load_splits(out / "splits.yaml", set(pd.read_csv(out / "predictions.csv").patient_id))}
+    for name, fold in folds.items():
+        s = json.loads((out / name / "summary.json").read_text())
+        n_dev = len(fold.train) + len(fold.val)
+        assert s["inner_folds"]["k"] == 2 and sum(s["inner_folds"]["n_val"]) == n_dev  # every patient validated once
+        curve = s["inner_folds"]["curve"]
+        assert [c["epoch"] for c in curve] == [0, 1, 2, 3]
+        for j in range(2):  # the chosen epoch's value is the mean of the two inner models' logged values
+            log = pd.read_csv(out / name / f"inner_{j}" / "logs" / "metrics.csv")
+            assert list(log.dropna(subset=["val_auroc"]).epoch) == [0, 1, 2, 3]
+        logs = [pd.read_csv(out / name / f"inner_{j}" / "logs" / "metrics.csv").dropna(subset=["val_auroc"])
+                for j in range(2)]
+        e = s["best_epoch"]
+        assert s["best_val_auroc"] == pytest.approx(sum(float(g.val_auroc.iloc[e]) for g in logs) / 2, abs=1e-6)
+        assert e >= 1  # a window of 2 is full from epoch 1
+        assert s["refit"]["n_bags"] == n_dev and s["refit"]["epochs_run"] == e + 1
+        assert 0.0 <= s["threshold"] <= 1.0
+        assert not (out / name / "logs").exists()  # no single validation split was trained
+    assert "averaged over 2 inner folds" in (out / "summary.md").read_text()
+    assert len(pd.read_csv(out / "predictions.csv")) == sum(len(f.test) for f in folds.values())
+
+
+@pytest.mark.parametrize(("override", "message"), [
+    ("cv.inner_folds=1", "at least 2"), ("train.refit=false", "needs train.refit=true")])
+def test_inner_folds_config_errors(tmp_path, cohort_overrides, fast_overrides, override, message):
+    from mil.config import ConfigError
+
+    cfg = load_config([*cohort_overrides, *fast_overrides, "cv.inner_folds=2", "train.refit=true", override,
+                       f"output_dir={tmp_path / 'cv'}"])
+    with pytest.raises(ConfigError, match=message):
+        run_crossval(cfg)
