@@ -70,7 +70,7 @@ FAMILIES: dict[str, tuple[dict[str, Any], int, str]] = {
 
 OLD_DEFAULTS = ["train.lr=2e-4", "train.batch_size=8", "train.scheduler=cosine", "train.warmup_steps=0", "train.min_steps=0",
                 "train.monitor=val_loss", "train.monitor_window=1", "train.selection=best", "train.patience=10",
-                "train.max_epochs=40", "train.refit=false"]
+                "train.max_epochs=40", "train.refit=false", "cv.inner_folds=0"]
 RECIPES: dict[str, list[str]] = {
     "default": [],
     "old": OLD_DEFAULTS,
@@ -80,9 +80,12 @@ RECIPES: dict[str, list[str]] = {
     "grid:last": ["train.selection=last"],
     "grid:steps=2000": ["train.min_steps=2000", "train.max_epochs=30"],  # the budget before 2026-11-30
     "grid:hidden=128": ["model.args.hidden_dim=128"],  # ABMIL-family widths only
-    "grid:no_refit": ["train.refit=false"],  # the fold's model is the one selected on validation (before 2026-11-30 pm)
-    "grid:cosine": ["train.scheduler=cosine"],  # decays to 0 over the budget (and over the refit's shorter one)
-    "grid:inner_folds=2": ["cv.inner_folds=2"],  # the epoch chosen on 2 inner folds of all training patients
+    "grid:refit": ["cv.inner_folds=0", "train.refit=true"],  # one validation split, then a refit (the default until 2026-12-01)
+    "grid:no_refit": ["cv.inner_folds=0", "train.refit=false"],  # the model selected on one validation split
+    "grid:cosine": ["train.scheduler=cosine"],  # decays to 0 over the budget
+    "grid:inner_folds=2": ["cv.inner_folds=2", "train.refit=true"],  # epoch chosen on 2 inner folds, then one refit
+    "grid:ensemble=5": ["cv.inner_folds=5"],  # 5 inner models averaged (the default averages 3)
+    "grid:ensemble=3,last": ["train.selection=last"],  # the default's inner models keep the budget's last epoch
 }
 
 

@@ -33,7 +33,7 @@ from mil.cohort import Cohort
 from mil.covariates import encode_split, encoder_path, fit_fold
 from mil.crossval import fold_frame, id_columns, is_main_process
 from mil.fusion import fit_covariates_only
-from mil.inference import predict_outputs, resolve_device, save_weights
+from mil.inference import save_weights
 from mil.io import atomic_path, write_json, write_text
 from mil.metrics import concordance_index, regression_metrics
 from mil.report import pool_repeats, write_report
@@ -69,18 +69,17 @@ def run_ablation_fold(
     Runs on every process of a distributed run (training needs them all); only the main one writes.
     """
     test_bags = cohort.subset(set(fold.test))
-    device = resolve_device(cfg.trainer.accelerator)
     arm_dir = fold_dir / "ablation" / "slide_only"
     slide_cfg = cfg.copy()
     slide_cfg.cohort.covariates.numeric, slide_cfg.cohort.covariates.categorical = [], []
     logger.info("%s ablation: slide-only model", fold.name)
-    model, summary, _ = train_one(slide_cfg, cohort, task, fold.train, fold.val, arm_dir, seed, f"{fold.name} slide-only")
+    trained = train_one(slide_cfg, cohort, task, fold.train, fold.val, arm_dir, seed, f"{fold.name} slide-only")
     if not is_main_process():
         return
-    save_weights(model, arm_dir / "model.safetensors")
-    outputs = predict_outputs(model, test_bags, cfg.train.eval_batch_size, device, cfg.train.precision)
-    write_json(arm_dir / "summary.json", summary)
-    _write_csv(fold_frame(cfg, task, fold, test_bags, task.predictions(outputs)), arm_dir / "predictions.csv")
+    models = trained.save(arm_dir)
+    columns = trained.predictions(slide_cfg, task, test_bags, [None] * len(trained.models))
+    write_json(arm_dir / "summary.json", {**trained.summary, "models": models})
+    _write_csv(fold_frame(cfg, task, fold, test_bags, columns), arm_dir / "predictions.csv")
 
     arm_dir = fold_dir / "ablation" / "covariates_only"
     logger.info("%s ablation: covariates-only linear model", fold.name)

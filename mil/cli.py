@@ -52,10 +52,12 @@ def cmd_status(args: argparse.Namespace) -> None:
 
 
 def cmd_train(args: argparse.Namespace) -> None:
-    from mil.crossval import run_train
+    from mil.crossval import model_files, run_train
 
     out = run_train(_load(args.config))
-    print(f"model trained: {out}/model.safetensors")
+    files = list(model_files(out).values())
+    print(f"model trained: {files[0]}" if len(files) == 1 else
+          f"model trained: {len(files)} inner models averaged, {', '.join(str(f) for f in files)}")
 
 
 def cmd_extract(args: argparse.Namespace) -> None:

@@ -66,9 +66,11 @@ class CVConfig:
     seed: int = 0
     split_file: str | None = None  # reuse a splits.yaml exactly
     val_fraction: float = 0.2  # inner validation split of each training fold (early stopping)
-    # k >= 2: choose the epoch (and threshold) on k inner splits of each training fold instead of one
-    # val_fraction split (k models, each validated on one part), then train the fold's model on all of them
-    inner_folds: int = 0
+    # k >= 2: k models on k inner splits of each training fold (each validated on one part) instead of one
+    # val_fraction split (0). train.refit=false: they are kept, and the fold predicts with their average (an
+    # ensemble); train.refit=true: they choose the epoch (and threshold), then one model trains on all of them.
+    # A class with fewer training patients than k lowers k.
+    inner_folds: int = 3
     bootstrap: int = 1000  # resamples for the 95% confidence intervals of pooled metrics
     ablation: bool = False  # with cohort.covariates: also train slide-only and covariates-only models on the same folds
     # Folds trained at once as processes on this machine: a number, or "auto" (on the CPU, up to one per
@@ -98,9 +100,10 @@ class TrainConfig:
     # "auto": "best" when the validation split has min_val_bags of every class (4x that for other tasks)
     min_val_bags: int = 10
     patience: int | None = None  # stop after this many epochs without a better smoothed monitor (None: never)
-    # After the inner split has chosen the epoch (and the threshold), train a new model on train + validation
-    # for that many epochs and use it: every non-test patient trains (about 2x the training time).
-    refit: bool = True
+    # After the validation split(s) have chosen the epoch (and the threshold), train a new model on train +
+    # validation for that many epochs and use it (about 2x the training time). Off by default: the inner models
+    # of cv.inner_folds are averaged instead. With cv.inner_folds=0, true lets every non-test patient train.
+    refit: bool = False
     standardize: bool = False  # z-score each feature with training-fold statistics (low-dim features)
     class_weighted: bool = True  # weight each bag's loss by inverse class frequency
     aux_loss_weight: float | None = None  # weight of a model's auxiliary loss (CLAM, DSMIL); None: the paper's

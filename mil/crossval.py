@@ -18,6 +18,7 @@ import os
 import subprocess
 import sys
 from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -63,7 +64,16 @@ from mil.provenance import (
 )
 from mil.report import write_report
 from mil.slide_scores import pool_fold_slide_predictions, write_slide_predictions
-from mil.splits import Fold, SplitError, inner_folds, inner_split, load_splits, make_splits, save_splits
+from mil.splits import (
+    Fold,
+    SplitError,
+    inner_fold_count,
+    inner_folds,
+    inner_split,
+    load_splits,
+    make_splits,
+    save_splits,
+)
 from mil.tables import ONLY_EMPTY_IS_MISSING
 from mil.tasks import Task, create_task, task_class, task_from_meta
 from mil.thresholds import record_in_run, validation_threshold
@@ -130,16 +140,14 @@ def load_inputs(cfg: DictConfig) -> tuple[Cohort, Task]:
 
 
 def check_inner_folds(cfg: DictConfig) -> None:
-    """``cv.inner_folds``: 0 (one validation split), or 2 or more with the refit on, on one process."""
+    """``cv.inner_folds``: 0 (one validation split), or 2 or more; choosing the refit's epoch on them needs one process."""
     k = cfg.cv.inner_folds
     problems = []
     if k == 1 or k < 0:
         problems.append(f"cv.inner_folds must be 0 (one validation split, cv.val_fraction) or at least 2, got {k}")
-    if k and not cfg.train.refit:
-        problems.append("cv.inner_folds needs train.refit=true: the inner models only choose the epoch, the fold's "
-                        "model is then trained on all its training patients")
-    if k and cfg.trainer.devices not in (1, "1"):
-        problems.append(f"cv.inner_folds trains on one device; got trainer.devices={cfg.trainer.devices}")
+    if k and cfg.train.refit and cfg.trainer.devices not in (1, "1"):
+        problems.append(f"cv.inner_folds with train.refit=true trains on one device; got trainer.devices="
+                        f"{cfg.trainer.devices} (train.refit=false keeps the inner models, on any number of devices)")
     if problems:
         raise ConfigError("; ".join(problems))
 
@@ -211,28 +219,92 @@ def _write_csv(df: pd.DataFrame, path: Path) -> None:
         df.to_csv(tmp, index=False)
 
 
+MODEL_FILE = "model.safetensors"
+
+
+def model_files(folder: str | Path) -> dict[str, Path]:
+    """The weight files a fold folder (or a `mil train` run folder) predicts with, by name.
+
+    ``{"": folder/model.safetensors}`` for one model; ``{"inner_<j>": folder/inner_<j>/model.safetensors}``
+    for the averaged inner models of ``cv.inner_folds`` (listed under ``models`` in the folder's
+    ``summary.json``, which runs from before the list lack). The files may not exist yet.
+    """
+    folder = Path(folder)
+    summary = folder / "summary.json"
+    names = json.loads(summary.read_text()).get("models") if summary.is_file() else None
+    return {str(Path(n).parent) if Path(n).parent != Path(".") else "": folder / n for n in names or [MODEL_FILE]}
+
+
+@dataclass
+class FoldModel:
+    """What a fold (or `mil train`) predicts with: one model, or several whose predictions are averaged.
+
+    ``encoders[i]``: model i's clinical covariate encoder (None without covariates). ``summary``:
+    as :func:`mil.training.fit`'s, plus ``threshold`` (chosen on validation predictions).
+    """
+
+    models: list[torch.nn.Module]
+    encoders: list[CovariateEncoder | None]
+    summary: dict[str, Any]
+
+    def save(self, folder: Path) -> list[str]:
+        """Write each model's weights (and covariate encoder) into ``folder``; returns their paths relative to it
+        (``model.safetensors``, or ``inner_<j>/model.safetensors`` for several), for ``summary.json`` → ``models``."""
+        names = [MODEL_FILE] if len(self.models) == 1 else [f"inner_{j}/{MODEL_FILE}" for j in range(len(self.models))]
+        for name, model, encoder in zip(names, self.models, self.encoders, strict=True):
+            path = folder / name
+            path.parent.mkdir(parents=True, exist_ok=True)
+            if encoder is not None:
+                encoder.save(encoder_path(path))
+            save_weights(model, path)
+        return names
+
+    def covariates(self, cohort: Cohort, bags: list[Bag], what: str) -> tuple[list[np.ndarray | None], list[Any]]:
+        """Each model's encoded covariates [n_bags, C] of ``bags`` (None without covariates) and what it imputed."""
+        encoded = [None if e is None else encode_split(e, cohort.covariates, bags, what) for e in self.encoders]
+        return [None if e is None else e[0] for e in encoded], [None if e is None else e[1] for e in encoded]
+
+    def predictions(self, cfg: DictConfig, task: Task, bags: list[Bag], covariates: list[np.ndarray | None]
+                    ) -> dict[str, np.ndarray]:
+        """The task's prediction columns of ``bags``, averaged over the models (as `mil predict` averages a run's)."""
+        device = resolve_device(cfg.trainer.accelerator)
+        per_model = [task.predictions(predict_outputs(model, bags, cfg.train.eval_batch_size, device, cfg.train.precision,
+                                                      covariates=x))
+                     for model, x in zip(self.models, covariates, strict=True)]
+        if len(per_model) == 1:
+            return per_model[0]
+        return {c: np.mean([p[c] for p in per_model], axis=0) for c in per_model[0]}
+
+
 def _train_one(
     cfg: DictConfig, cohort: Cohort, task: Task, train: list[str], val: list[str], out_dir: Path, seed: int, what: str
-) -> tuple[torch.nn.Module, dict[str, Any], CovariateEncoder | None]:
-    """Train one model on ``train``, choosing its epoch and call threshold on ``val``.
+) -> FoldModel:
+    """Train the model of a fold (or of `mil train`) on ``train``, choosing its epoch and call threshold on ``val``.
 
-    Returns the model, a summary (with ``threshold``, chosen on validation predictions) and the
-    covariate encoder fitted on its training patients (None without covariates). With
+    Returns the model(s), a summary (with ``threshold``, chosen on validation predictions) and the
+    covariate encoder(s) fitted on the training patients (None without covariates). With
     ``train.refit`` the returned model (and encoder) is a new one trained on ``train + val`` for
     the chosen number of epochs; the threshold, warnings and validation values still come from
-    the model that was selected on ``val`` (the only predictions of unseen patients).
+    the model that was selected on ``val`` (the only predictions of unseen patients). With
+    ``cv.inner_folds`` the split is replaced by inner folds of ``train + val``: they choose the
+    epoch for the refit (:func:`_choose_on_inner_folds`), or, without the refit, the inner models
+    themselves are kept and averaged (:func:`_inner_ensemble`). A class with fewer patients than
+    ``cv.inner_folds`` lowers the number of inner folds; below 2, ``train``/``val`` are used.
     """
     if cfg.cv.inner_folds:
         dev = sorted([*train, *val])
-        summary = _choose_on_inner_folds(cfg, cohort, task, dev, out_dir, seed, what)
+        k = _inner_fold_count(cfg, cohort, task, dev, what)
+        if k >= 2 and not cfg.train.refit:
+            return _inner_ensemble(cfg, cohort, task, dev, k, out_dir, seed, what)
+        summary = _choose_on_inner_folds(cfg, cohort, task, dev, k, out_dir, seed, what) if k >= 2 else None
         if summary is not None:
             epochs = int(summary["best_epoch"]) + 1
             logger.info("%s: training on all %d training patients for the %d epochs chosen on %d inner folds", what,
-                        len(dev), epochs, cfg.cv.inner_folds)
+                        len(dev), epochs, k)
             model, refit, encoder = _fit_model(cfg, cohort, task, dev, dev, out_dir / "refit", seed, f"{what} (refit)",
                                                fixed_epochs=epochs)  # no validation: ``dev`` only fills the slot
             summary["refit"] = {k: refit[k] for k in ("epochs_run", "steps_run", "n_bags")}
-            return model, summary, encoder
+            return FoldModel([model], [encoder], summary)
     model, summary, encoder = _fit_model(cfg, cohort, task, train, val, out_dir, seed, what)
     if is_main_process():  # validation predictions only
         val_bags = cohort.subset(set(val))
@@ -245,11 +317,71 @@ def _train_one(
         model, refit, encoder = _fit_model(cfg, cohort, task, list(train) + list(val), val, out_dir / "refit", seed,
                                            f"{what} (refit)", fixed_epochs=epochs)
         summary["refit"] = {k: refit[k] for k in ("epochs_run", "steps_run", "n_bags")}
-    return model, summary, encoder
+    return FoldModel([model], [encoder], summary)
+
+
+def _inner_fold_count(cfg: DictConfig, cohort: Cohort, task: Task, dev: list[str], what: str) -> int:
+    """``cv.inner_folds``, lowered to the patient count of the smallest class (stratum) of ``dev``, which
+    each inner validation part needs one of; logged when lowered (below 2: no inner folds)."""
+    k = int(cfg.cv.inner_folds)
+    dev_bags = cohort.subset(set(dev))
+    usable = inner_fold_count(np.array([b.patient_id for b in dev_bags]), task.strata(dev_bags)[0], k)
+    if usable < k:
+        logger.warning("%s: the smallest class of its %d training patients has %d patient(s): %s", what, len(dev),
+                       usable, f"{usable} inner folds instead of cv.inner_folds={k}" if usable >= 2 else
+                       "no inner folds (one validation split, cv.val_fraction)")
+    return usable
+
+
+def _inner_ensemble(
+    cfg: DictConfig, cohort: Cohort, task: Task, dev: list[str], k: int, out_dir: Path, seed: int, what: str,
+) -> FoldModel:
+    """The k models of ``cv.inner_folds`` inner splits of ``dev``, each selected on its own part, to be averaged.
+
+    A cross-validation ensemble (as nnU-Net keeps its five fold models, Isensee et al. 2021, Nat.
+    Methods 18:203): the ``dev`` patients (a fold's training + validation patients) are split into
+    k stratified parts; model j trains on the other k - 1 parts and keeps its epoch on part j
+    (``train.selection``, as a single model does on its validation split), with its own initial
+    weights. Every training patient trains k - 1 models and validates one, and averaging the k
+    models lowers the variance a small cohort gives one model. The threshold is chosen on the k
+    parts' pooled predictions (each patient predicted by the model it validated); averaged
+    predictions are a little less spread than one model's, which the threshold does not see.
+    """
+    dev_bags = cohort.subset(set(dev))
+    strata, names = task.strata(dev_bags)
+    parts = inner_folds(np.array([b.patient_id for b in dev_bags]), strata, names, k, seed,
+                        f"the training patients of {what}")
+    models, encoders, summaries, outputs, val_bags = [], [], [], [], []
+    for j, (train_j, val_j) in enumerate(parts):
+        member_seed = int(np.random.SeedSequence([seed, j]).generate_state(1)[0])  # diverse initial weights
+        model, summary, encoder = _fit_model(cfg, cohort, task, train_j, val_j, out_dir / f"inner_{j}", member_seed,
+                                             f"{what} (inner model {j + 1}/{k})")
+        bags_j = cohort.subset(set(val_j))
+        x_val = None if encoder is None else encode_split(encoder, cohort.covariates, bags_j, f"{what}, inner {j}")[0]
+        outputs.append(predict_outputs(model, bags_j, cfg.train.eval_batch_size, resolve_device(cfg.trainer.accelerator),
+                                       cfg.train.precision, covariates=x_val))
+        models.append(model)
+        encoders.append(encoder)
+        summaries.append(summary)
+        val_bags += bags_j
+    threshold = task.choose_threshold(val_bags, np.concatenate(outputs)) if task.has_threshold else None
+    monitor = summaries[0]["monitor"]
+    logger.info("%s: %d inner models kept at epochs %s (%s %s)%s", what, k, [s["best_epoch"] for s in summaries],
+                monitor, ", ".join(f"{s.get(f'best_{monitor}', math.nan):.4f}" for s in summaries),
+                "" if threshold is None else f"; threshold {threshold:.4f} on their pooled validation parts")
+    summary = {
+        "best_epoch": [s["best_epoch"] for s in summaries], "epochs_run": [s["epochs_run"] for s in summaries],
+        "monitor": monitor, f"best_{monitor}": float(np.mean([s.get(f"best_{monitor}", math.nan) for s in summaries])),
+        "selection": f"{k} inner models averaged, each selected on its own part",
+        "warnings": [f"inner model {j + 1}: {w}" for j, s in enumerate(summaries) for w in s.get("warnings", [])],
+        "threshold": threshold,
+        "inner_folds": {"k": k, "n_val": [len(v) for _, v in parts], "ensemble": True, "models": summaries},
+    }
+    return FoldModel(models, encoders, summary)
 
 
 def _choose_on_inner_folds(
-    cfg: DictConfig, cohort: Cohort, task: Task, dev: list[str], out_dir: Path, seed: int, what: str,
+    cfg: DictConfig, cohort: Cohort, task: Task, dev: list[str], k: int, out_dir: Path, seed: int, what: str,
 ) -> dict[str, Any] | None:
     """Choose the number of epochs and the call threshold on ``cv.inner_folds`` inner splits of ``dev``.
 
@@ -263,7 +395,7 @@ def _choose_on_inner_folds(
     plus ``threshold`` and ``inner_folds``), or None when even all ``dev`` patients are too few
     to rank epochs (``train.selection``), in which case the caller trains as without inner folds.
     """
-    t, k = cfg.train, int(cfg.cv.inner_folds)
+    t = cfg.train
     dev_bags = cohort.subset(set(dev))
     if resolve_selection(t.selection, task.encode(dev_bags), task, t.min_val_bags) != "best":
         logger.info("%s: %d training patients are too few to rank epochs (train.min_val_bags=%d): cv.inner_folds "
@@ -353,28 +485,22 @@ def fold_frame(cfg: DictConfig, task: Task, fold: Fold, bags: list[Bag], columns
 def run_fold(cfg: DictConfig, cohort: Cohort, fold: Fold, fold_dir: Path, seed: int) -> pd.DataFrame | None:
     """Train on ``fold.train``, select on ``fold.val``; only then predict ``fold.test``."""
     task = create_task(cfg, cohort.columns)
-    model, summary, encoder = _train_one(cfg, cohort, task, fold.train, fold.val, fold_dir, seed, fold.name)
+    trained = _train_one(cfg, cohort, task, fold.train, fold.val, fold_dir, seed, fold.name)
     if cfg.cv.ablation:  # slide-only and covariates-only models of this fold, on every process (DDP)
         from mil.ablation import run_ablation_fold
 
         run_ablation_fold(cfg, cohort, task, fold, fold_dir, seed, _train_one)
     if not is_main_process():
         return None
-    save_weights(model, fold_dir / "model.safetensors")
+    summary = {**trained.summary, "models": trained.save(fold_dir)}
     test_bags = cohort.subset(set(fold.test))
-    x_test = None
-    if encoder is not None:
-        encoder.save(encoder_path(fold_dir / "model.safetensors"))
-        x_test, summary.setdefault("covariates_imputed", {})["test"] = encode_split(encoder, cohort.covariates, test_bags, f"{fold.name}, test")
-    threshold = summary["threshold"]
-    outputs = predict_outputs(
-        model, test_bags, cfg.train.eval_batch_size, resolve_device(cfg.trainer.accelerator), cfg.train.precision,
-        covariates=x_test,
-    )
-    columns = task.predictions(outputs)
-    df = fold_frame(cfg, task, fold, test_bags, {**columns, **task.calls(columns, threshold)})
-    write_slide_predictions(cfg, task, test_bags, [model], fold_dir / "slide_predictions.csv",
-                            covariates=None if x_test is None else [x_test], fold=fold.name)
+    x_test, imputed = trained.covariates(cohort, test_bags, f"{fold.name}, test")
+    if any(x is not None for x in x_test):
+        summary.setdefault("covariates_imputed", {})["test"] = imputed[0] if len(imputed) == 1 else imputed
+    columns = trained.predictions(cfg, task, test_bags, x_test)
+    df = fold_frame(cfg, task, fold, test_bags, {**columns, **task.calls(columns, summary["threshold"])})
+    write_slide_predictions(cfg, task, test_bags, trained.models, fold_dir / "slide_predictions.csv",
+                            covariates=x_test, fold=fold.name)
     write_json(fold_dir / "summary.json", {**summary, "n_train": len(fold.train), "n_val": len(fold.val), "n_test": len(fold.test)})
     write_record(fold_dir, fold_record(cohort, fold))
     _write_csv(df, fold_dir / "predictions.csv")  # last: marks the fold finished
@@ -649,6 +775,11 @@ def append_training_health(out: Path, fold_names: list[str]) -> None:
     lines = ["", "## Training", "", "| fold | kept epoch | epochs run | refit: epochs on bags | warnings |",
              "|---|---|---|---|---|"]
     flagged = refitted = inner = 0
+    ensemble = False
+
+    def cell(value: Any) -> str:  # an inner ensemble's epochs are one per model
+        return ", ".join(map(str, value)) if isinstance(value, list) else str(value)
+
     for name in fold_names:
         path = out / name / "summary.json"
         if not path.is_file():
@@ -659,9 +790,15 @@ def append_training_health(out: Path, fold_names: list[str]) -> None:
         refit = s.get("refit")
         refitted += refit is not None
         inner = max(inner, s.get("inner_folds", {}).get("k", 0))
+        ensemble |= bool(s.get("inner_folds", {}).get("ensemble"))
         refit_cell = f"{refit['epochs_run']} on {refit['n_bags']}" if refit else "—"
-        lines.append(f"| {name} | {s.get('best_epoch')} | {s.get('epochs_run')} | {refit_cell} | {'; '.join(warnings) or '—'} |")
-    if inner:  # the test folds were predicted by models trained on every training patient
+        lines.append(f"| {name} | {cell(s.get('best_epoch'))} | {cell(s.get('epochs_run'))} | {refit_cell} | "
+                     f"{'; '.join(warnings) or '—'} |")
+    if ensemble:  # the test folds were predicted by the average of k models
+        lines[2:2] = [f"Each fold predicts with the average of {inner} inner models (`cv.inner_folds`, no refit): "
+                      f"each trained on {inner - 1} of {inner} parts of the fold's training patients and kept its "
+                      "epoch on the remaining part; kept epochs are listed per inner model.", ""]
+    elif inner:  # the test folds were predicted by models trained on every training patient
         lines[2:2] = [f"Each fold's epoch was chosen on the validation curve averaged over {inner} inner folds of its "
                       "training patients (`cv.inner_folds`), then a model was trained on all of them for that many "
                       "epochs; kept epochs and warnings describe the averaged curve.", ""]
@@ -676,31 +813,31 @@ def append_training_health(out: Path, fold_names: list[str]) -> None:
 
 
 def run_train(cfg: DictConfig) -> Path:
-    """Train one model on the whole cohort (a stratified validation split picks the epoch)."""
+    """Train the final model on the whole cohort, as a fold's is trained on its training patients: by default
+    the ``cv.inner_folds`` inner models, averaged (``cv.inner_folds=0``: one stratified validation split picks
+    the epoch). ``summary.json``, written last, lists the weight files (see :func:`model_files`)."""
     out, cohort, task = prepare_run(cfg, "train")
-    weights = out / "model.safetensors"
     train, val = inner_split(cohort.patient_ids, task.strata(cohort.bags)[0], cfg.cv.val_fraction, seed=cfg.cv.seed)
     record = split_record(cohort, {"train": train, "val": val})
-    if weights.is_file():
+    files = list(model_files(out).values())
+    if (out / "summary.json").is_file() and all(f.is_file() for f in files):
         changes = record_changes(read_record(out), record)
         if not changes:
-            logger.info("%s exists and was trained on the same data; this run is finished", weights)
+            logger.info("%s exists and was trained on the same data; this run is finished", files[0])
             return out
-        logger.warning("%s was trained on other data than now: %s; training again", weights, "; ".join(changes))
-        if is_main_process():
-            weights.unlink()
+        logger.warning("%s was trained on other data than now: %s; training again", files[0], "; ".join(changes))
+    if is_main_process():  # an interrupted retraining must not leave the old model looking finished
+        (out / "summary.json").unlink(missing_ok=True)
     check_bags_finite(cohort, out)
     if is_main_process():
         save_splits([Fold("final", 0, 0, train, val, [])], out / "splits.yaml")
-    model, summary, encoder = _train_one(cfg, cohort, task, train, val, out, cfg.train.seed, "the final model")
+    trained = _train_one(cfg, cohort, task, train, val, out, cfg.train.seed, "the final model")
     if is_main_process():
-        if encoder is not None:
-            encoder.save(encoder_path(weights))
-        record_in_run(out, cfg, task, {"model": summary["threshold"]})
-        write_json(out / "summary.json", {**summary, "n_train": len(train), "n_val": len(val)})
+        record_in_run(out, cfg, task, {"model": trained.summary["threshold"]})
         write_record(out, record)
-        save_weights(model, weights)  # last: marks the run finished
-    return out
+        models = trained.save(out)
+        write_json(out / "summary.json", {**trained.summary, "models": models, "n_train": len(train), "n_val": len(val)})
+    return out  # summary.json last: it marks the run finished and lists its models
 
 
 def load_run_model(run_dir: str | Path, weights: str | Path) -> torch.nn.Module:

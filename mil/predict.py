@@ -21,7 +21,7 @@ from mil.bags import UNKNOWN, identity_value
 from mil.cohort import Cohort, LabelColumn, load_cohort
 from mil.config import ConfigError, load_config
 from mil.covariates import model_covariates, read_covariates
-from mil.crossval import id_columns, is_main_process, load_run_model, predictions_frame
+from mil.crossval import id_columns, is_main_process, load_run_model, model_files, predictions_frame
 from mil.inference import predict_outputs, resolve_device
 from mil.io import atomic_path, write_text
 from mil.report import write_report
@@ -78,11 +78,10 @@ def load_run(run_dir: str | Path) -> Run:
             f"{run_dir}/run.yaml is damaged or not from `mil crossval`/`mil train` (missing {', '.join(missing) or 'nothing'}, "
             f"kind {meta.get('kind')!r}); was the folder overwritten? Train the run again"
         )
-    if meta.kind == "train":
-        weights = {"model": run_dir / "model.safetensors"}
-    else:
-        folds = OmegaConf.load(run_dir / "splits.yaml")
-        weights = {str(f.name): run_dir / str(f.name) / "model.safetensors" for f in folds}
+    folders = ({"model": run_dir} if meta.kind == "train" else
+               {str(f.name): run_dir / str(f.name) for f in OmegaConf.load(run_dir / "splits.yaml")})
+    weights = {f"{name}.{member}" if member else name: path  # cv.inner_folds ensembles: each inner model
+               for name, folder in folders.items() for member, path in model_files(folder).items()}
     missing = [str(p) for p in weights.values() if not p.is_file()]
     if missing:
         raise FileNotFoundError(f"{run_dir}: model weights missing ({', '.join(missing[:3])}); is the run finished?")

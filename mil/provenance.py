@@ -29,8 +29,8 @@ SCAN_FILE = "bag_scan.json"  # bags found finite, by file identity: a rerun scan
 RECORD_VERSION = 1
 SIDES = ("train", "val", "test")
 # Files whose presence means a run folder holds finished results that a new config must not mix with:
-# a finished fold's predictions (written last), a `mil train` model (written last), pooled predictions.
-_FINISHED = ("predictions.csv", "model.safetensors", "*/predictions.csv")
+# a finished fold's predictions (written last), a `mil train` model or inner model (written last), pooled predictions.
+_FINISHED = ("predictions.csv", "model.safetensors", "inner_*/model.safetensors", "*/predictions.csv")
 
 
 def file_identity(path: Path) -> list[int]:

@@ -70,6 +70,13 @@ def inner_split(
     return sorted(uniq[train_idx].tolist()), sorted(uniq[val_idx].tolist())
 
 
+def inner_fold_count(patients: np.ndarray, labels: np.ndarray, k: int) -> int:
+    """The number of stratified inner folds ``patients`` allow, at most ``k``: the patient count of their
+    smallest class (``patients`` and ``labels`` per bag, as for :func:`inner_folds`)."""
+    _, per_patient = _patient_labels(patients, labels)
+    return min(k, min(Counter(per_patient.tolist()).values(), default=0))
+
+
 def inner_folds(
     patients: np.ndarray, labels: np.ndarray, names: list[str], k: int, seed: int, what: str,
 ) -> list[tuple[list[str], list[str]]]:

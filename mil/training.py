@@ -183,12 +183,11 @@ class BestWeights(Callback):
         self.patience, self.min_steps = patience, min_steps
         self.history: list[dict[str, float]] = []
         self.best: float | None = None  # smoothed monitor at the kept epoch
-        self.best_loss = math.inf
         self.best_epoch = -1
         self.state: dict[str, torch.Tensor] | None = None
 
-    def _keep(self, epoch: int, pl_module: L.LightningModule, value: float | None, loss: float) -> None:
-        self.best, self.best_loss, self.best_epoch = value, loss, epoch
+    def _keep(self, epoch: int, pl_module: L.LightningModule, value: float | None) -> None:
+        self.best, self.best_epoch = value, epoch
         self.state = {k: v.detach().cpu().clone() for k, v in pl_module.model.state_dict().items()}
 
     def on_validation_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
@@ -200,27 +199,16 @@ class BestWeights(Callback):
         epoch = trainer.current_epoch
         self.history.append({"epoch": epoch, self.monitor: value, "val_loss": loss})
         if self.selection == "last":
-            self._keep(epoch, pl_module, value, loss)
+            self._keep(epoch, pl_module, value)
             return
-        recent = self.history[-self.window :]
-        if len(recent) < self.window or epoch < self.start_epoch:
+        if len(self.history) < self.window or epoch < self.start_epoch:
             return
-        values = [h[self.monitor] for h in recent]
-        if not all(math.isfinite(v) for v in values):
-            return
-        smoothed = sum(values) / len(values)
-        losses = [h["val_loss"] for h in recent]
-        smoothed_loss = sum(losses) / len(losses) if all(math.isfinite(v) for v in losses) else math.inf
-        sign = 1.0 if self.mode == "max" else -1.0
-        eps = 1e-9
-        if (
-            self.best is None
-            or sign * (smoothed - self.best) > eps
-            or (abs(smoothed - self.best) <= eps and smoothed_loss < self.best_loss)
-        ):
-            self._keep(epoch, pl_module, smoothed, smoothed_loss)
+        chosen = best_smoothed_epoch(self.history, self.monitor, self.mode, self.window, self.start_epoch)
+        if chosen is not None and chosen[0] == epoch:  # this epoch is the best so far
+            self._keep(epoch, pl_module, chosen[1])
         elif (
             self.patience is not None
+            and self.best_epoch >= 0
             and epoch - self.best_epoch >= self.patience
             and trainer.global_step >= self.min_steps
         ):
@@ -262,7 +250,7 @@ def best_smoothed_epoch(
     """The epoch of ``curve`` with the best trailing mean of ``monitor`` over ``window`` epochs.
 
     ``curve``: one dict per validation epoch, in order, with ``epoch``, ``monitor`` and
-    ``val_loss``. The same rule as :class:`BestWeights`: an epoch is eligible once its window is
+    ``val_loss``. The rule of :class:`BestWeights` (which applies it after each epoch): an epoch is eligible once its window is
     full and ``start_epoch`` is reached; windows with a non-finite value are skipped; ties go to
     the lower smoothed ``val_loss``, then to the earlier epoch. Returns ``(epoch, smoothed value)``,
     or None when no epoch is eligible.

@@ -49,6 +49,7 @@ def fast_overrides():
         "train.max_epochs=4",
         "train.min_steps=0",  # the epoch count alone: tests stay fast
         "train.refit=false",  # one training run per fold (tests of the refit set it)
+        "cv.inner_folds=0",  # one validation split (tests of the inner folds set them)
         "train.warmup_steps=0",
         "train.min_epochs=1",
         "train.batch_size=4",

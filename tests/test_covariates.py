@@ -253,7 +253,8 @@ def fused_run(covariate_cohort):
     fast = ["model.args={hidden_dim: 32}", "cv.folds=3", "cv.bootstrap=50", "train.max_epochs=3", "train.min_epochs=1",
             "train.min_steps=0", "train.warmup_steps=0",
             "train.batch_size=4", "train.bag_size=16", "train.lr=3e-3", "train.precision=32-true",
-            "trainer.accelerator=cpu", "trainer.enable_progress_bar=false", "trainer.logger=none"]
+            "trainer.accelerator=cpu", "trainer.enable_progress_bar=false", "trainer.logger=none",
+            "cv.inner_folds=0"]  # one model per fold (an ensemble with covariates is tested below)
     out = run_crossval(load_config([*keys, *fast, *COVARIATES, "cv.ablation=true", f"output_dir={tmp / 'cv'}"]))
     return out, keys
 
@@ -313,6 +314,28 @@ def test_heatmap_of_a_fused_run(fused_run, tmp_path):
     scores = pd.read_csv(tmp_path / "maps" / "P0001-S0_scores.csv")
     assert {p.name for p in written} >= {"P0001-S0_heatmap.png", "P0001-S0_scores.csv"}
     assert len(scores) > 0 and (scores.score >= 0).all() and scores.score.max() > 0
+
+
+def test_inner_ensemble_with_covariates_ablation_predict_and_heatmap(covariate_cohort, tmp_path):
+    """Each inner model of ``cv.inner_folds`` (no refit) keeps its own covariate encoder, in the fold,
+    in its ablation arm, and when `mil predict` and the heatmaps average them."""
+    _, _, keys = covariate_cohort
+    fast = ["model.args={hidden_dim: 16}", "cv.folds=3", "cv.bootstrap=20", "train.max_epochs=2", "train.min_epochs=1",
+            "train.min_steps=0", "train.warmup_steps=0", "train.batch_size=4", "train.bag_size=16",
+            "trainer.accelerator=cpu", "trainer.enable_progress_bar=false", "trainer.logger=none",
+            "cv.inner_folds=2", "train.refit=false"]
+    out = run_crossval(load_config([*keys, *fast, *COVARIATES, "cv.ablation=true", f"output_dir={tmp_path / 'cv'}"]))
+    for k in range(3):
+        for j in range(2):
+            assert (out / f"fold_{k}" / f"inner_{j}" / "covariates.json").is_file()
+            assert (out / f"fold_{k}" / "ablation" / "slide_only" / f"inner_{j}" / "model.safetensors").is_file()
+        imputed = json.loads((out / f"fold_{k}" / "summary.json").read_text())["covariates_imputed"]["test"]
+        assert len(imputed) == 2  # one record per inner model's encoder
+    assert "slide_only" in json.loads((out / "metrics.json").read_text())["ablation"]["arms"]
+    pred = pd.read_csv(run_predict(out, [*keys, f"output_dir={tmp_path / 'p'}"]) / "predictions.csv")
+    assert len(pred) == 30 and "fold_2.inner_1.prob_MSI-H" in pred.columns
+    written = run_heatmap(out, [], ["P0001-S0"], top_k=2, out_dir=tmp_path / "maps", max_px=256)
+    assert any(p.name == "P0001-S0_heatmap.png" for p in written)
 
 
 def test_train_run_with_film_fusion_predicts(covariate_cohort, fast_overrides, tmp_path):

@@ -40,8 +40,9 @@ def test_external_auroc_matches_scikit_learn_and_is_not_below_crossval(trained):
     tmp, cv, ext = trained
     out = run_predict(cv, [*_cohort(ext), f"output_dir={tmp / 'ext'}"])
     pred = pd.read_csv(out / "predictions.csv")
-    assert len(pred) == 24 and {"prob_MSS", "prob_MSI-H", "fold_0.prob_MSI-H", "fold_2.prob_MSS"} <= set(pred.columns)
-    ensemble = pred[[f"fold_{k}.prob_MSI-H" for k in range(3)]].mean(axis=1)
+    each = [f"fold_{k}.inner_{j}.prob_MSI-H" for k in range(3) for j in range(3)]  # 3 folds x 3 inner models
+    assert len(pred) == 24 and {"prob_MSS", "prob_MSI-H", "fold_2.inner_1.prob_MSS", *each} <= set(pred.columns)
+    ensemble = pred[each].mean(axis=1)
     np.testing.assert_allclose(pred["prob_MSI-H"], ensemble, atol=1e-6)
     for name in ("metrics.json", "roc.png", "pr.png", "calibration.png", "summary.md"):
         assert (out / name).is_file(), name
@@ -49,7 +50,7 @@ def test_external_auroc_matches_scikit_learn_and_is_not_below_crossval(trained):
     cv_auroc = json.loads((cv / "metrics.json").read_text())["pooled"]["auroc"]
     assert ext_auroc == pytest.approx(roc_auc_score(pred.MSI == "MSI-H", pred["prob_MSI-H"]), abs=1e-12)
     # The fold ensemble on new patients is no worse than cross-validation's lower bound (here it is
-    # better: 3 models averaged; measured 1.000 vs 0.787 [0.615, 0.924]), and the signal transfers.
+    # better: 9 models averaged), and the signal transfers.
     # A perfect cross-validation gives a degenerate [1, 1] interval: allow one discordant pair's worth.
     assert ext_auroc >= cv_auroc["ci_low"] - 0.02 and ext_auroc > 0.8
 

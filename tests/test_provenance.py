@@ -139,7 +139,7 @@ def test_a_failed_run_does_not_block_the_corrected_command(cohort, tmp_path):
         run_train(_cfg(cohort, out, "model.args={hidden_dimm: 16}"))
     assert (out / "config.yaml").is_file()
     run_train(_cfg(cohort, out))  # refused before: "holds a run with a different config"
-    assert (out / "model.safetensors").is_file()
+    assert (out / "inner_0" / "model.safetensors").is_file()
     with pytest.raises(ConfigError, match=r"holds a run with a different config \(train.lr"):
         run_train(_cfg(cohort, out, "train.lr=0.5"))  # now there is finished work to protect
 
@@ -147,16 +147,16 @@ def test_a_failed_run_does_not_block_the_corrected_command(cohort, tmp_path):
 def test_train_run_retrains_after_a_label_change(cohort, tmp_path, caplog):
     out = tmp_path / "run"
     run_train(_cfg(cohort, out))
-    before = (out / "model.safetensors").stat().st_mtime_ns
+    before = (out / "inner_0" / "model.safetensors").stat().st_mtime_ns
     run_train(_cfg(cohort, out))
-    assert (out / "model.safetensors").stat().st_mtime_ns == before  # same data: finished
+    assert (out / "inner_0" / "model.safetensors").stat().st_mtime_ns == before  # same data: finished
     clinical = pd.read_csv(cohort.clinical_csv, dtype=str)
     clinical.loc[0, "MSI"] = "MSI-H" if clinical.loc[0, "MSI"] == "MSS" else "MSS"
     clinical.to_csv(cohort.clinical_csv, index=False)
     with caplog.at_level(logging.WARNING, logger="mil.crossval"):
         run_train(_cfg(cohort, out))
     assert "trained on other data than now" in caplog.text and "P0000 MSI" in caplog.text
-    assert (out / "model.safetensors").stat().st_mtime_ns != before
+    assert (out / "inner_0" / "model.safetensors").stat().st_mtime_ns != before
 
 
 def test_every_bad_bag_is_reported_before_the_first_fold(cohort, tmp_path):

@@ -121,14 +121,16 @@ def test_validation_loss_does_not_depend_on_eval_batch_size(tmp_path, cohort_ove
 
 OLD_DEFAULTS = ["train.lr=2e-4", "train.batch_size=8", "train.scheduler=cosine", "train.warmup_steps=0", "train.min_steps=0",
                 "train.max_epochs=40", "train.monitor=val_loss", "train.monitor_window=1", "train.selection=best",
-                "train.patience=10", "train.refit=false"]
+                "train.patience=10", "train.refit=false", "cv.inner_folds=0"]
 
 
 def test_default_recipe_learns_a_sparse_cohort_that_the_old_defaults_miss(tmp_path):
     """8% witness tiles in 40 small patients (16 training bags a fold): 80 optimiser steps do not find them.
 
     Measured when written: the default recipe 0.93 pooled AUROC, the old defaults 0.52 (and the
-    new recipe at the old learning rate of 2e-4: 0.67).
+    new recipe at the old learning rate of 2e-4: 0.67). With three inner models averaged (the
+    default since 2026-12-01), 0.84: each inner model trains on about 13 patients here, where
+    the refit model of the default before trained on 20 (README, "How training works").
     """
     from mil.synthetic import make_synthetic_cohort
 
@@ -144,7 +146,7 @@ def test_default_recipe_learns_a_sparse_cohort_that_the_old_defaults_miss(tmp_pa
         return json.loads((out / "metrics.json").read_text())["pooled"]["auroc"]["value"]
 
     new, old = auroc([], "new"), auroc(OLD_DEFAULTS, "old")
-    assert new >= 0.85, new
+    assert new >= 0.8, new
     assert old <= new - 0.2, (old, new)
 
 
@@ -234,8 +236,59 @@ def test_inner_folds_choose_the_epoch_on_every_training_patient(tmp_path, cohort
     assert len(pd.read_csv(out / "predictions.csv")) == sum(len(f.test) for f in folds.values())
 
 
+def test_inner_ensemble_keeps_and_averages_the_inner_models(tmp_path, cohort_overrides, fast_overrides):
+    """``cv.inner_folds=k train.refit=false``: the k inner models are the fold's model; the fold's test
+    predictions, `mil predict` and `mil train` all average them."""
+    import numpy as np
+    import pandas as pd
+
+    from mil.crossval import load_run_model, run_train
+    from mil.predict import load_run, run_predict
+
+    base = [*cohort_overrides, *fast_overrides, "cv.inner_folds=2", "train.refit=false", "train.min_val_bags=2",
+            "trainer.logger=csv"]
+    out = run_crossval(load_config([*base, "cv.folds=2", f"output_dir={tmp_path / 'cv'}"]))
+    run = load_run(out)
+    assert sorted(run.weights) == ["fold_0.inner_0", "fold_0.inner_1", "fold_1.inner_0", "fold_1.inner_1"]
+    assert not (out / "fold_0" / "model.safetensors").exists()
+    pooled = pd.read_csv(out / "predictions.csv", dtype={"patient_id": str})
+    for fold in ("fold_0", "fold_1"):
+        s = json.loads((out / fold / "summary.json").read_text())
+        assert s["inner_folds"]["ensemble"] and len(s["inner_folds"]["models"]) == 2 and len(s["best_epoch"]) == 2
+        assert 0.0 <= s["threshold"] <= 1.0
+        # the fold's test predictions are the mean of its two inner models' predictions
+        pred = run_predict(out, [f"output_dir={tmp_path / ('p' + fold)}"])
+        each = pd.read_csv(pred / "predictions.csv", dtype={"patient_id": str}).set_index("patient_id")
+        mine = pooled[pooled.fold == fold].set_index("patient_id")
+        prob = [c for c in mine.columns if c.startswith("prob_")][-1]
+        mean = (each[f"{fold}.inner_0.{prob}"] + each[f"{fold}.inner_1.{prob}"]) / 2
+        np.testing.assert_allclose(mine[prob], mean.loc[mine.index], atol=1e-5)
+    assert "inner models" in (out / "summary.md").read_text()
+    models = [load_run_model(out, w) for w in run.weights.values()]
+    assert not torch.equal(next(models[0].parameters()), next(models[1].parameters()))
+
+    final = run_train(load_config([*base, f"output_dir={tmp_path / 'final'}"]))
+    assert sorted(load_run(final).weights) == ["model.inner_0", "model.inner_1"]
+    assert run_train(load_config([*base, f"output_dir={tmp_path / 'final'}"])) == final  # finished: kept
+
+
+def test_inner_folds_are_lowered_to_the_smallest_class(tmp_path, cohort_overrides, fast_overrides, caplog):
+    """A class with fewer training patients than ``cv.inner_folds`` lowers k (it raised a SplitError before)."""
+    import numpy as np
+
+    from mil.splits import inner_fold_count
+
+    assert inner_fold_count(np.array(["a", "a", "b", "c", "d"]), np.array([0, 0, 1, 1, 0]), 5) == 2
+    assert inner_fold_count(np.array(["a", "b", "c"]), np.array([0, 0, 1]), 3) == 1
+    with caplog.at_level("WARNING", logger="mil.crossval"):
+        out = run_crossval(load_config([*cohort_overrides, *fast_overrides, "cv.folds=2", "cv.inner_folds=50",
+                                        "train.refit=false", f"output_dir={tmp_path / 'cv'}"]))
+    k = json.loads((out / "fold_0" / "summary.json").read_text())["inner_folds"]["k"]
+    assert 2 <= k < 50 and f"{k} inner folds instead of cv.inner_folds=50" in caplog.text
+
+
 @pytest.mark.parametrize(("override", "message"), [
-    ("cv.inner_folds=1", "at least 2"), ("train.refit=false", "needs train.refit=true")])
+    ("cv.inner_folds=1", "at least 2"), ("cv.inner_folds=-2", "at least 2")])
 def test_inner_folds_config_errors(tmp_path, cohort_overrides, fast_overrides, override, message):
     from mil.config import ConfigError
 

@@ -17,11 +17,11 @@ from omegaconf import OmegaConf
 import mil.crossval
 from mil.cohort import load_cohort
 from mil.config import load_config
-from mil.crossval import load_run_model, run_crossval
+from mil.crossval import load_run_model, model_files, run_crossval
 from mil.inference import predict_outputs
 from mil.predict import run_predict
 from mil.report import report_predictions
-from mil.splits import load_splits
+from mil.splits import inner_folds, load_splits
 from mil.tasks import task_class
 
 EXAMPLES = Path(__file__).resolve().parents[1] / "configs" / "examples"
@@ -135,11 +135,15 @@ def test_outputs_per_task(run):
         rate = pred.OS_event.mean()
         for f in folds:  # stratified on the event: every test fold has the cohort's event rate
             assert abs(pred[pred.fold == f.name].OS_event.mean() - rate) < 0.03
-        fold = folds[0]  # risk is centred on the median of the fold model's training bags
-        model = load_run_model(out, out / fold.name / "model.safetensors")
-        trained_on = set(fold.train) | (set(fold.val) if cfg.train.refit else set())  # a refit trains on both
-        train_risk = predict_outputs(model, cohort.subset(trained_on))[:, 0]
-        assert abs(np.median(train_risk)) < 1e-4
+        fold = folds[0]  # risk is centred on the median of each inner model's own training bags
+        dev = cohort.subset(set(fold.train) | set(fold.val))
+        strata, names = task_class(cfg)(cohort.columns, cfg).strata(dev)
+        parts = inner_folds(np.array([b.patient_id for b in dev]), strata, names, 3, cfg.train.seed, "fold_0")
+        models = model_files(out / fold.name)
+        assert list(models) == ["inner_0", "inner_1", "inner_2"]
+        for (trained_on, _), path in zip(parts, models.values(), strict=True):
+            train_risk = predict_outputs(load_run_model(out, path), cohort.subset(set(trained_on)))[:, 0]
+            assert abs(np.median(train_risk)) < 1e-4
 
 
 def test_predict_and_report(run, tmp_path):
@@ -149,10 +153,11 @@ def test_predict_and_report(run, tmp_path):
     own = pd.read_csv(out / "predictions.csv", nrows=0).columns.drop("fold")
     # Each fold model's own prediction columns (a classification call pred_<target> is the ensemble's only).
     outputs = [c for c in own if c.startswith(("prob_", "risk")) or (task == "regression" and c.startswith("pred_"))]
-    per_fold = [f"fold_{k}.{c}" for k in range(3) for c in outputs]
-    assert list(pred.columns) == [*own, *per_fold] and len(pred) == 40
+    models = [f"fold_{k}.inner_{j}" for k in range(3) for j in range(3)]  # 3 folds x 3 averaged inner models
+    per_model = [f"{m}.{c}" for m in models for c in outputs]
+    assert list(pred.columns) == [*own, *per_model] and len(pred) == 40
     first = next(c for c in own if c.startswith(("prob_", "pred_", "risk")))
-    np.testing.assert_allclose(pred[first], pred[[f"fold_{k}.{first}" for k in range(3)]].mean(axis=1), rtol=1e-6)
+    np.testing.assert_allclose(pred[first], pred[[f"{m}.{first}" for m in models]].mean(axis=1), rtol=1e-6)
     scores = _score(task, json.loads((ext / "metrics.json").read_text()))
     assert min(scores.values()) >= THRESHOLDS[task] - 0.1, scores  # the signal transfers to new patients
     if task == "regression":  # in the target's units

@@ -243,7 +243,7 @@ def _caption(sa: SlideAttention, run: Run) -> list[str]:
         f"{sa.slide_id}: {len(sa.coords)} tiles; patient {sa.bag.patient_id}"
         + (f" (attention over the patient's {n_slides} slides)" if n_slides > 1 else ""),
         f"{run.config.model.name} attention, "
-        + (f"mean of {len(names)} fold models ({', '.join(names[:4])}{', ...' if len(names) > 4 else ''})"
+        + (f"mean of {len(names)} models ({', '.join(names[:4])}{', ...' if len(names) > 4 else ''})"
            if len(names) > 1 else "single model"),
     ]
     if sa.probs:
