@@ -293,17 +293,12 @@ def _train_one(
     """
     if cfg.cv.inner_folds:
         dev = sorted([*train, *val])
-        k = _inner_fold_count(cfg, cohort, task, dev, what)
-        if k >= 2 and not cfg.train.refit:
-            return _inner_ensemble(cfg, cohort, task, dev, k, out_dir, seed, what)
-        summary = _choose_on_inner_folds(cfg, cohort, task, dev, k, out_dir, seed, what) if k >= 2 else None
+        parts = _inner_parts(cfg, cohort, task, dev, seed, what)
+        if parts and not cfg.train.refit:
+            return _inner_ensemble(cfg, cohort, task, parts, out_dir, seed, what)
+        summary = _choose_on_inner_folds(cfg, cohort, task, dev, parts, out_dir, seed, what) if parts else None
         if summary is not None:
-            epochs = int(summary["best_epoch"]) + 1
-            logger.info("%s: training on all %d training patients for the %d epochs chosen on %d inner folds", what,
-                        len(dev), epochs, k)
-            model, refit, encoder = _fit_model(cfg, cohort, task, dev, dev, out_dir / "refit", seed, f"{what} (refit)",
-                                               fixed_epochs=epochs)  # no validation: ``dev`` only fills the slot
-            summary["refit"] = {k: refit[k] for k in ("epochs_run", "steps_run", "n_bags")}
+            model, encoder = _refit(cfg, cohort, task, dev, summary, out_dir, seed, what)
             return FoldModel([model], [encoder], summary)
     model, summary, encoder = _fit_model(cfg, cohort, task, train, val, out_dir, seed, what)
     if is_main_process():  # validation predictions only
@@ -311,32 +306,51 @@ def _train_one(
         x_val = None if encoder is None else encode_split(encoder, cohort.covariates, val_bags, f"{what}, validation")[0]
         summary["threshold"] = validation_threshold(task, model, val_bags, cfg, covariates=x_val)
     if cfg.train.refit:
-        epochs = int(summary["best_epoch"]) + 1
-        logger.info("%s: refit on %d training + %d validation patients for the kept %d epochs", what, len(train),
-                    len(val), epochs)
-        model, refit, encoder = _fit_model(cfg, cohort, task, list(train) + list(val), val, out_dir / "refit", seed,
-                                           f"{what} (refit)", fixed_epochs=epochs)
-        summary["refit"] = {k: refit[k] for k in ("epochs_run", "steps_run", "n_bags")}
+        model, encoder = _refit(cfg, cohort, task, [*train, *val], summary, out_dir, seed, what)
     return FoldModel([model], [encoder], summary)
 
 
-def _inner_fold_count(cfg: DictConfig, cohort: Cohort, task: Task, dev: list[str], what: str) -> int:
-    """``cv.inner_folds``, lowered to the patient count of the smallest class (stratum) of ``dev``, which
-    each inner validation part needs one of; logged when lowered (below 2: no inner folds)."""
+def _refit(
+    cfg: DictConfig, cohort: Cohort, task: Task, patients: list[str], summary: dict[str, Any], out_dir: Path, seed: int,
+    what: str,
+) -> tuple[torch.nn.Module, CovariateEncoder | None]:
+    """``train.refit``: a new model trained on ``patients`` (all of a fold's training patients) for the epochs
+    chosen in ``summary`` (``best_epoch`` + 1), keeping the final weights; adds ``summary["refit"]``."""
+    epochs = int(summary["best_epoch"]) + 1
+    logger.info("%s: refit on all %d training patients for the chosen %d epochs", what, len(patients), epochs)
+    model, refit, encoder = _fit_model(cfg, cohort, task, patients, patients, out_dir / "refit", seed,
+                                       f"{what} (refit)", fixed_epochs=epochs)  # no validation: only fills the slot
+    summary["refit"] = {k: refit[k] for k in ("epochs_run", "steps_run", "n_bags")}
+    return model, encoder
+
+
+def _inner_parts(
+    cfg: DictConfig, cohort: Cohort, task: Task, dev: list[str], seed: int, what: str,
+) -> list[tuple[list[str], list[str]]] | None:
+    """``cv.inner_folds`` stratified (train, val) parts of the ``dev`` patients (:func:`mil.splits.inner_folds`).
+
+    k is lowered to the patient count of the smallest class (stratum) of ``dev``, which each
+    validation part needs one of, with a warning; None when that leaves fewer than 2.
+    """
     k = int(cfg.cv.inner_folds)
     dev_bags = cohort.subset(set(dev))
-    usable = inner_fold_count(np.array([b.patient_id for b in dev_bags]), task.strata(dev_bags)[0], k)
+    patients = np.array([b.patient_id for b in dev_bags])
+    strata, names = task.strata(dev_bags)
+    usable = inner_fold_count(patients, strata, k)
     if usable < k:
         logger.warning("%s: the smallest class of its %d training patients has %d patient(s): %s", what, len(dev),
                        usable, f"{usable} inner folds instead of cv.inner_folds={k}" if usable >= 2 else
                        "no inner folds (one validation split, cv.val_fraction)")
-    return usable
+    if usable < 2:
+        return None
+    return inner_folds(patients, strata, names, usable, seed, f"the training patients of {what}")
 
 
 def _inner_ensemble(
-    cfg: DictConfig, cohort: Cohort, task: Task, dev: list[str], k: int, out_dir: Path, seed: int, what: str,
+    cfg: DictConfig, cohort: Cohort, task: Task, parts: list[tuple[list[str], list[str]]], out_dir: Path, seed: int,
+    what: str,
 ) -> FoldModel:
-    """The k models of ``cv.inner_folds`` inner splits of ``dev``, each selected on its own part, to be averaged.
+    """The k models of the inner ``parts`` (:func:`_inner_parts`), each selected on its own part, to be averaged.
 
     A cross-validation ensemble (as nnU-Net keeps its five fold models, Isensee et al. 2021, Nat.
     Methods 18:203): the ``dev`` patients (a fold's training + validation patients) are split into
@@ -347,10 +361,7 @@ def _inner_ensemble(
     parts' pooled predictions (each patient predicted by the model it validated); averaged
     predictions are a little less spread than one model's, which the threshold does not see.
     """
-    dev_bags = cohort.subset(set(dev))
-    strata, names = task.strata(dev_bags)
-    parts = inner_folds(np.array([b.patient_id for b in dev_bags]), strata, names, k, seed,
-                        f"the training patients of {what}")
+    k = len(parts)
     models, encoders, summaries, outputs, val_bags = [], [], [], [], []
     for j, (train_j, val_j) in enumerate(parts):
         member_seed = int(np.random.SeedSequence([seed, j]).generate_state(1)[0])  # diverse initial weights
@@ -381,9 +392,10 @@ def _inner_ensemble(
 
 
 def _choose_on_inner_folds(
-    cfg: DictConfig, cohort: Cohort, task: Task, dev: list[str], k: int, out_dir: Path, seed: int, what: str,
+    cfg: DictConfig, cohort: Cohort, task: Task, dev: list[str], parts: list[tuple[list[str], list[str]]],
+    out_dir: Path, seed: int, what: str,
 ) -> dict[str, Any] | None:
-    """Choose the number of epochs and the call threshold on ``cv.inner_folds`` inner splits of ``dev``.
+    """Choose the number of epochs and the call threshold on the inner ``parts`` of ``dev`` (:func:`_inner_parts`).
 
     k-fold early stopping (e.g. Prechelt 1998; the inner loop of nested cross-validation): the
     ``dev`` patients (a fold's training + validation patients) are split into k stratified parts;
@@ -395,15 +407,11 @@ def _choose_on_inner_folds(
     plus ``threshold`` and ``inner_folds``), or None when even all ``dev`` patients are too few
     to rank epochs (``train.selection``), in which case the caller trains as without inner folds.
     """
-    t = cfg.train
-    dev_bags = cohort.subset(set(dev))
-    if resolve_selection(t.selection, task.encode(dev_bags), task, t.min_val_bags) != "best":
+    t, k = cfg.train, len(parts)
+    if resolve_selection(t.selection, task.encode(cohort.subset(set(dev))), task, t.min_val_bags) != "best":
         logger.info("%s: %d training patients are too few to rank epochs (train.min_val_bags=%d): cv.inner_folds "
                     "not used; keeping the last epoch of the budget", what, len(dev), t.min_val_bags)
         return None
-    strata, names = task.strata(dev_bags)
-    parts = inner_folds(np.array([b.patient_id for b in dev_bags]), strata, names, k, seed,
-                        f"the training patients of {what}")
     inner_cfg = cfg.copy()
     inner_cfg.train.selection, inner_cfg.train.patience = "best", None  # a full validation curve from every part
     records: list[ValidationRecord] = []
