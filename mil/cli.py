@@ -52,7 +52,8 @@ def cmd_status(args: argparse.Namespace) -> None:
 
 
 def cmd_train(args: argparse.Namespace) -> None:
-    from mil.crossval import model_files, run_train
+    from mil.crossval import run_train
+    from mil.fitting import model_files
 
     out = run_train(_load(args.config))
     files = list(model_files(out).values())

@@ -18,25 +18,23 @@ import os
 import subprocess
 import sys
 from collections.abc import Sequence
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import lightning as L
 import numpy as np
 import pandas as pd
 import torch
 from lightning.fabric.utilities.rank_zero import rank_zero_only
-from lightning.pytorch.callbacks import Callback
 from omegaconf import DictConfig, OmegaConf
 
 from mil import __version__
 from mil.bags import read_bag_info
 from mil.cohort import Bag, Cohort, load_cohort
 from mil.config import ConfigError, load_config, require, save_config, usable_cores
-from mil.covariates import CovariateEncoder, configured, encode_split, encoder_path, fit_fold, read_covariates
-from mil.fusion import CovariateFusion, warm_start_late_fusion
-from mil.inference import load_weights, predict_outputs, resolve_device, save_weights
+from mil.covariates import CovariateEncoder, configured, encode_split, encoder_path, read_covariates
+from mil.ensemble import choose_on_inner_folds, help_running_fold, inner_ensemble, inner_parts
+from mil.fitting import FoldModel, fit_model, load_model, model_files
+from mil.inference import resolve_device
 from mil.io import atomic_path, write_json, write_text
 from mil.jobs import (
     LAUNCHER_KEYS,
@@ -49,8 +47,6 @@ from mil.jobs import (
     run_status,
     select_folds,
 )
-from mil.models import create_model
-from mil.normalize import Standardized
 from mil.progress import LOG_DATEFMT, LOG_FORMAT, quiet_lightning
 from mil.provenance import (
     check_bags_finite,
@@ -67,8 +63,6 @@ from mil.slide_scores import pool_fold_slide_predictions, write_slide_prediction
 from mil.splits import (
     Fold,
     SplitError,
-    inner_fold_count,
-    inner_folds,
     inner_split,
     load_splits,
     make_splits,
@@ -78,13 +72,7 @@ from mil.tables import ONLY_EMPTY_IS_MISSING
 from mil.tasks import Task, create_task, task_class, task_from_meta
 from mil.thresholds import record_in_run, validation_threshold
 from mil.training import (
-    ValidationRecord,
-    best_smoothed_epoch,
     budget_epochs,
-    first_eligible_epoch,
-    fit,
-    resolve_selection,
-    training_warnings,
 )
 
 logger = logging.getLogger(__name__)
@@ -189,15 +177,6 @@ def extraction_settings(cohort: Cohort) -> dict[str, Any]:
     return {k: attrs[k] for k in EXTRACTION_ATTRS if k in attrs}
 
 
-def build_model(cfg: DictConfig, in_dim: int, n_outputs: int, n_covariates: int = 0) -> torch.nn.Module:
-    """The configured aggregator, fused with ``n_covariates`` encoded covariates (``model.fusion``)
-    when there are any, and wrapped in :class:`Standardized` when ``train.standardize``."""
-    model = create_model(cfg.model.name, in_dim, n_outputs, **OmegaConf.to_container(cfg.model.args))
-    if n_covariates:
-        model = CovariateFusion(model, n_covariates, cfg.model.fusion)
-    return Standardized(model, in_dim) if cfg.train.standardize else model
-
-
 def id_columns(cfg: DictConfig) -> list[str]:
     c = cfg.cohort
     return [c.patient_column] + ([c.slide_column] if c.bag_level == "slide" else [])
@@ -219,63 +198,6 @@ def _write_csv(df: pd.DataFrame, path: Path) -> None:
         df.to_csv(tmp, index=False)
 
 
-MODEL_FILE = "model.safetensors"
-
-
-def model_files(folder: str | Path) -> dict[str, Path]:
-    """The weight files a fold folder (or a `mil train` run folder) predicts with, by name.
-
-    ``{"": folder/model.safetensors}`` for one model; ``{"inner_<j>": folder/inner_<j>/model.safetensors}``
-    for the averaged inner models of ``cv.inner_folds`` (listed under ``models`` in the folder's
-    ``summary.json``, which runs from before the list lack). The files may not exist yet.
-    """
-    folder = Path(folder)
-    summary = folder / "summary.json"
-    names = json.loads(summary.read_text()).get("models") if summary.is_file() else None
-    return {str(Path(n).parent) if Path(n).parent != Path(".") else "": folder / n for n in names or [MODEL_FILE]}
-
-
-@dataclass
-class FoldModel:
-    """What a fold (or `mil train`) predicts with: one model, or several whose predictions are averaged.
-
-    ``encoders[i]``: model i's clinical covariate encoder (None without covariates). ``summary``:
-    as :func:`mil.training.fit`'s, plus ``threshold`` (chosen on validation predictions).
-    """
-
-    models: list[torch.nn.Module]
-    encoders: list[CovariateEncoder | None]
-    summary: dict[str, Any]
-
-    def save(self, folder: Path) -> list[str]:
-        """Write each model's weights (and covariate encoder) into ``folder``; returns their paths relative to it
-        (``model.safetensors``, or ``inner_<j>/model.safetensors`` for several), for ``summary.json`` → ``models``."""
-        names = [MODEL_FILE] if len(self.models) == 1 else [f"inner_{j}/{MODEL_FILE}" for j in range(len(self.models))]
-        for name, model, encoder in zip(names, self.models, self.encoders, strict=True):
-            path = folder / name
-            path.parent.mkdir(parents=True, exist_ok=True)
-            if encoder is not None:
-                encoder.save(encoder_path(path))
-            save_weights(model, path)
-        return names
-
-    def covariates(self, cohort: Cohort, bags: list[Bag], what: str) -> tuple[list[np.ndarray | None], list[Any]]:
-        """Each model's encoded covariates [n_bags, C] of ``bags`` (None without covariates) and what it imputed."""
-        encoded = [None if e is None else encode_split(e, cohort.covariates, bags, what) for e in self.encoders]
-        return [None if e is None else e[0] for e in encoded], [None if e is None else e[1] for e in encoded]
-
-    def predictions(self, cfg: DictConfig, task: Task, bags: list[Bag], covariates: list[np.ndarray | None]
-                    ) -> dict[str, np.ndarray]:
-        """The task's prediction columns of ``bags``, averaged over the models (as `mil predict` averages a run's)."""
-        device = resolve_device(cfg.trainer.accelerator)
-        per_model = [task.predictions(predict_outputs(model, bags, cfg.train.eval_batch_size, device, cfg.train.precision,
-                                                      covariates=x))
-                     for model, x in zip(self.models, covariates, strict=True)]
-        if len(per_model) == 1:
-            return per_model[0]
-        return {c: np.mean([p[c] for p in per_model], axis=0) for c in per_model[0]}
-
-
 def _train_one(
     cfg: DictConfig, cohort: Cohort, task: Task, train: list[str], val: list[str], out_dir: Path, seed: int, what: str
 ) -> FoldModel:
@@ -287,20 +209,20 @@ def _train_one(
     the chosen number of epochs; the threshold, warnings and validation values still come from
     the model that was selected on ``val`` (the only predictions of unseen patients). With
     ``cv.inner_folds`` the split is replaced by inner folds of ``train + val``: they choose the
-    epoch for the refit (:func:`_choose_on_inner_folds`), or, without the refit, the inner models
-    themselves are kept and averaged (:func:`_inner_ensemble`). A class with fewer patients than
+    epoch for the refit (:func:`mil.ensemble.choose_on_inner_folds`), or, without the refit, the inner
+    models themselves are kept and averaged (:func:`mil.ensemble.inner_ensemble`). A class with fewer patients than
     ``cv.inner_folds`` lowers the number of inner folds; below 2, ``train``/``val`` are used.
     """
     if cfg.cv.inner_folds:
         dev = sorted([*train, *val])
-        parts = _inner_parts(cfg, cohort, task, dev, seed, what)
+        parts = inner_parts(cfg, cohort, task, dev, seed, what)
         if parts and not cfg.train.refit:
-            return _inner_ensemble(cfg, cohort, task, parts, out_dir, seed, what)
-        summary = _choose_on_inner_folds(cfg, cohort, task, dev, parts, out_dir, seed, what) if parts else None
+            return inner_ensemble(cfg, cohort, task, parts, out_dir, seed, what)
+        summary = choose_on_inner_folds(cfg, cohort, task, dev, parts, out_dir, seed, what) if parts else None
         if summary is not None:
             model, encoder = _refit(cfg, cohort, task, dev, summary, out_dir, seed, what)
             return FoldModel([model], [encoder], summary)
-    model, summary, encoder = _fit_model(cfg, cohort, task, train, val, out_dir, seed, what)
+    model, summary, encoder = fit_model(cfg, cohort, task, train, val, out_dir, seed, what)
     if is_main_process():  # validation predictions only
         val_bags = cohort.subset(set(val))
         x_val = None if encoder is None else encode_split(encoder, cohort.covariates, val_bags, f"{what}, validation")[0]
@@ -318,167 +240,10 @@ def _refit(
     chosen in ``summary`` (``best_epoch`` + 1), keeping the final weights; adds ``summary["refit"]``."""
     epochs = int(summary["best_epoch"]) + 1
     logger.info("%s: refit on all %d training patients for the chosen %d epochs", what, len(patients), epochs)
-    model, refit, encoder = _fit_model(cfg, cohort, task, patients, patients, out_dir / "refit", seed,
-                                       f"{what} (refit)", fixed_epochs=epochs)  # no validation: only fills the slot
+    model, refit, encoder = fit_model(cfg, cohort, task, patients, patients, out_dir / "refit", seed,
+                                      f"{what} (refit)", fixed_epochs=epochs)  # no validation: only fills the slot
     summary["refit"] = {k: refit[k] for k in ("epochs_run", "steps_run", "n_bags")}
     return model, encoder
-
-
-def _inner_parts(
-    cfg: DictConfig, cohort: Cohort, task: Task, dev: list[str], seed: int, what: str,
-) -> list[tuple[list[str], list[str]]] | None:
-    """``cv.inner_folds`` stratified (train, val) parts of the ``dev`` patients (:func:`mil.splits.inner_folds`).
-
-    k is lowered to the patient count of the smallest class (stratum) of ``dev``, which each
-    validation part needs one of, with a warning; None when that leaves fewer than 2.
-    """
-    k = int(cfg.cv.inner_folds)
-    dev_bags = cohort.subset(set(dev))
-    patients = np.array([b.patient_id for b in dev_bags])
-    strata, names = task.strata(dev_bags)
-    usable = inner_fold_count(patients, strata, k)
-    if usable < k:
-        logger.warning("%s: the smallest class of its %d training patients has %d patient(s): %s", what, len(dev),
-                       usable, f"{usable} inner folds instead of cv.inner_folds={k}" if usable >= 2 else
-                       "no inner folds (one validation split, cv.val_fraction)")
-    if usable < 2:
-        return None
-    return inner_folds(patients, strata, names, usable, seed, f"the training patients of {what}")
-
-
-def _inner_ensemble(
-    cfg: DictConfig, cohort: Cohort, task: Task, parts: list[tuple[list[str], list[str]]], out_dir: Path, seed: int,
-    what: str,
-) -> FoldModel:
-    """The k models of the inner ``parts`` (:func:`_inner_parts`), each selected on its own part, to be averaged.
-
-    A cross-validation ensemble (as nnU-Net keeps its five fold models, Isensee et al. 2021, Nat.
-    Methods 18:203): the ``dev`` patients (a fold's training + validation patients) are split into
-    k stratified parts; model j trains on the other k - 1 parts and keeps its epoch on part j
-    (``train.selection``, as a single model does on its validation split), with its own initial
-    weights. Every training patient trains k - 1 models and validates one, and averaging the k
-    models lowers the variance a small cohort gives one model. The threshold is chosen on the k
-    parts' pooled predictions (each patient predicted by the model it validated); averaged
-    predictions are a little less spread than one model's, which the threshold does not see.
-    """
-    k = len(parts)
-    models, encoders, summaries, outputs, val_bags = [], [], [], [], []
-    for j, (train_j, val_j) in enumerate(parts):
-        member_seed = int(np.random.SeedSequence([seed, j]).generate_state(1)[0])  # diverse initial weights
-        model, summary, encoder = _fit_model(cfg, cohort, task, train_j, val_j, out_dir / f"inner_{j}", member_seed,
-                                             f"{what} (inner model {j + 1}/{k})")
-        bags_j = cohort.subset(set(val_j))
-        x_val = None if encoder is None else encode_split(encoder, cohort.covariates, bags_j, f"{what}, inner {j}")[0]
-        outputs.append(predict_outputs(model, bags_j, cfg.train.eval_batch_size, resolve_device(cfg.trainer.accelerator),
-                                       cfg.train.precision, covariates=x_val))
-        models.append(model)
-        encoders.append(encoder)
-        summaries.append(summary)
-        val_bags += bags_j
-    threshold = task.choose_threshold(val_bags, np.concatenate(outputs)) if task.has_threshold else None
-    monitor = summaries[0]["monitor"]
-    logger.info("%s: %d inner models kept at epochs %s (%s %s)%s", what, k, [s["best_epoch"] for s in summaries],
-                monitor, ", ".join(f"{s.get(f'best_{monitor}', math.nan):.4f}" for s in summaries),
-                "" if threshold is None else f"; threshold {threshold:.4f} on their pooled validation parts")
-    summary = {
-        "best_epoch": [s["best_epoch"] for s in summaries], "epochs_run": [s["epochs_run"] for s in summaries],
-        "monitor": monitor, f"best_{monitor}": float(np.mean([s.get(f"best_{monitor}", math.nan) for s in summaries])),
-        "selection": f"{k} inner models averaged, each selected on its own part",
-        "warnings": [f"inner model {j + 1}: {w}" for j, s in enumerate(summaries) for w in s.get("warnings", [])],
-        "threshold": threshold,
-        "inner_folds": {"k": k, "n_val": [len(v) for _, v in parts], "ensemble": True, "models": summaries},
-    }
-    return FoldModel(models, encoders, summary)
-
-
-def _choose_on_inner_folds(
-    cfg: DictConfig, cohort: Cohort, task: Task, dev: list[str], parts: list[tuple[list[str], list[str]]],
-    out_dir: Path, seed: int, what: str,
-) -> dict[str, Any] | None:
-    """Choose the number of epochs and the call threshold on the inner ``parts`` of ``dev`` (:func:`_inner_parts`).
-
-    k-fold early stopping (e.g. Prechelt 1998; the inner loop of nested cross-validation): the
-    ``dev`` patients (a fold's training + validation patients) are split into k stratified parts;
-    k models each train on k - 1 parts and are validated every epoch on the remaining one. The
-    epoch with the best trailing mean (``train.monitor_window``) of the monitor, averaged over the
-    k parts, is chosen, and the threshold is chosen on the k parts' pooled predictions at that
-    epoch: every training patient informs the choice, where one validation split of a small
-    cohort is too small to rank epochs. Returns the fold's summary (as :func:`mil.training.fit`'s,
-    plus ``threshold`` and ``inner_folds``), or None when even all ``dev`` patients are too few
-    to rank epochs (``train.selection``), in which case the caller trains as without inner folds.
-    """
-    t, k = cfg.train, len(parts)
-    if resolve_selection(t.selection, task.encode(cohort.subset(set(dev))), task, t.min_val_bags) != "best":
-        logger.info("%s: %d training patients are too few to rank epochs (train.min_val_bags=%d): cv.inner_folds "
-                    "not used; keeping the last epoch of the budget", what, len(dev), t.min_val_bags)
-        return None
-    inner_cfg = cfg.copy()
-    inner_cfg.train.selection, inner_cfg.train.patience = "best", None  # a full validation curve from every part
-    records: list[ValidationRecord] = []
-    val_bags: list[Bag] = []
-    for j, (train_j, val_j) in enumerate(parts):
-        record = ValidationRecord()
-        _fit_model(inner_cfg, cohort, task, train_j, val_j, out_dir / f"inner_{j}", seed, f"{what} (inner {j + 1}/{k})",
-                   callbacks=[record])
-        records.append(record)
-        val_bags += cohort.subset(set(val_j))
-    monitor = task.default_monitor if t.monitor == "auto" else t.monitor
-    n_epochs = min(len(r.epochs) for r in records)  # inner parts differ by a patient or so: the common epochs
-    curve = [{"epoch": e, **{key: float(np.mean([r.epochs[e].get(key, math.nan) for r in records]))
-                             for key in (monitor, "val_loss")}} for e in range(n_epochs)]
-    start = first_eligible_epoch(t, n_epochs, math.ceil(min(len(p[0]) for p in parts) / t.batch_size))
-    chosen = best_smoothed_epoch(curve, monitor, task.monitor_modes[monitor], min(t.monitor_window, n_epochs), start)
-    if chosen is None:
-        epoch, smoothed = n_epochs - 1, math.nan
-        notes = [f"no finite {monitor} averaged over {k} inner folds: kept the last epoch"]
-    else:
-        (epoch, smoothed), notes = chosen, []
-    at_kept = curve[epoch]
-    notes += training_warnings(epoch, n_epochs, at_kept, {}, curve)
-    for w in notes:
-        logger.warning("%s: %s", what, w)
-    outputs = np.concatenate([r.outputs[epoch] for r in records])  # in the order of val_bags
-    threshold = task.choose_threshold(val_bags, outputs) if task.has_threshold else None
-    logger.info("%s: epoch %d chosen on %d inner folds (mean %s %.4f, smoothed %.4f)%s", what, epoch, k, monitor,
-                at_kept[monitor], smoothed, "" if threshold is None else f"; threshold {threshold:.4f}")
-    return {
-        "best_epoch": epoch, "monitor": monitor, f"best_{monitor}": at_kept[monitor], f"smoothed_{monitor}": smoothed,
-        "selection": f"best, averaged over {k} inner folds", "epochs_run": n_epochs,
-        "warnings": notes, "threshold": threshold,
-        "inner_folds": {"k": k, "n_val": [len(v) for _, v in parts], "curve": curve},
-    }
-
-
-def _fit_model(
-    cfg: DictConfig, cohort: Cohort, task: Task, train: list[str], val: list[str], out_dir: Path, seed: int, what: str,
-    fixed_epochs: int | None = None, callbacks: Sequence[Callback] = (),
-) -> tuple[torch.nn.Module, dict[str, Any], CovariateEncoder | None]:
-    """Fit one model (see :func:`mil.training.fit`; ``fixed_epochs``: no validation, final weights kept)."""
-    train_bags, val_bags = cohort.subset(set(train)), cohort.subset(set(val))
-    for name, bags in (("training", train_bags), ("validation", val_bags)):
-        task.check_split(bags, f"the {name} split of {what}", training=name == "training")
-    covs = (fit_fold(cohort.covariates, train_bags, val_bags, cfg.cohort.covariates.unseen_category, what)
-            if configured(cfg.cohort) else None)  # training patients only, like the feature statistics
-    L.seed_everything(seed, workers=True, verbose=False)  # the initial weights too, not only training
-    model = build_model(cfg, cohort.dim, task.n_outputs, covs.encoder.dim if covs else 0)
-    if isinstance(model, Standardized):
-        model.fit(train_bags)  # training patients only: val and test stay unseen
-    train_targets = task.encode(train_bags)
-    x_train, x_val = (torch.from_numpy(covs.train), torch.from_numpy(covs.val)) if covs else (None, None)
-    if covs:  # late fusion starts from the covariates-only linear model of these training patients
-        warm_start_late_fusion(model, task, x_train, train_targets, cfg.train.weight_decay)
-    model, summary = fit(
-        cfg, task.wrap(model, train_targets), task, train_bags, train_targets, val_bags, task.encode(val_bags),
-        out_dir, seed, train_covariates=x_train, val_covariates=x_val, fixed_epochs=fixed_epochs, name=what,
-        callbacks=callbacks,
-    )
-    if task.calibrates:  # e.g. survival: centre the risk on the training bags' median
-        task.calibrate(model, predict_outputs(model, train_bags, cfg.train.eval_batch_size,
-                                              resolve_device(cfg.trainer.accelerator), cfg.train.precision,
-                                              covariates=x_train))
-    if covs:
-        summary["covariates_imputed"] = covs.imputed
-    return model, summary, covs.encoder if covs else None
 
 
 def fold_frame(cfg: DictConfig, task: Task, fold: Fold, bags: list[Bag], columns: dict[str, np.ndarray]) -> pd.DataFrame:
@@ -627,7 +392,8 @@ def _train_folds(
     cfg: DictConfig, cohort: Cohort, task: Task, all_folds: list[Fold], out: Path, indices: Sequence[int], wait: bool,
     parent: int | None = None,
 ) -> None:
-    """Train the folds ``indices`` that are not finished; ``wait=False``: skip folds another process holds.
+    """Train the folds ``indices`` that are not finished; ``wait=False``: skip folds another process holds, and
+    once every fold is taken, train inner models of the folds others hold (:func:`mil.ensemble.help_running_fold`).
 
     ``parent``: a worker's parent process id; once the parent has gone (killed, interrupted),
     no further fold is started.
@@ -643,6 +409,11 @@ def _train_folds(
                 continue
             logger.info("%s (%d/%d): %d train, %d val, %d test patients", fold.name, i + 1, len(all_folds), len(fold.train), len(fold.val), len(fold.test))
             run_fold(cfg, cohort, fold, fold_dir, seed=cfg.train.seed + i)
+    if not wait:  # cv.jobs: every fold is taken; train inner models of those other processes are training
+        for i in indices:
+            if parent is not None and os.getppid() != parent:
+                return
+            help_running_fold(cfg, cohort, task, all_folds[i], out / all_folds[i].name, cfg.train.seed + i)
 
 
 def _planned_work(cfg: DictConfig, cohort: Cohort, fold: Fold) -> float:
@@ -665,7 +436,8 @@ def _fold_processes(cfg: DictConfig, cohort: Cohort, folds: list[Fold], out: Pat
     """``cv.jobs`` resolved for the folds of this call that are not finished (:func:`mil.jobs.local_jobs`)."""
     left = [f for f in folds if not (out / f.name / "predictions.csv").is_file()]
     on_cpu = resolve_device(cfg.trainer.accelerator).type == "cpu" and str(cfg.trainer.devices) in ("1", "auto")
-    return local_jobs(cfg.cv.jobs, len(left), min((_planned_work(cfg, cohort, f) for f in left), default=0), on_cpu)
+    members = cfg.cv.inner_folds if cfg.cv.inner_folds and not cfg.train.refit else 1  # each one a unit of work
+    return local_jobs(cfg.cv.jobs, len(left) * members, min((_planned_work(cfg, cohort, f) for f in left), default=0), on_cpu)
 
 
 def _train_in_processes(
@@ -823,7 +595,7 @@ def append_training_health(out: Path, fold_names: list[str]) -> None:
 def run_train(cfg: DictConfig) -> Path:
     """Train the final model on the whole cohort, as a fold's is trained on its training patients: by default
     the ``cv.inner_folds`` inner models, averaged (``cv.inner_folds=0``: one stratified validation split picks
-    the epoch). ``summary.json``, written last, lists the weight files (see :func:`model_files`)."""
+    the epoch). ``summary.json``, written last, lists the weight files (see :func:`mil.fitting.model_files`)."""
     out, cohort, task = prepare_run(cfg, "train")
     train, val = inner_split(cohort.patient_ids, task.strata(cohort.bags)[0], cfg.cv.val_fraction, seed=cfg.cv.seed)
     record = split_record(cohort, {"train": train, "val": val})
@@ -859,6 +631,6 @@ def load_run_model(run_dir: str | Path, weights: str | Path) -> torch.nn.Module:
     meta = OmegaConf.load(run_dir / "run.yaml")
     task = task_from_meta(meta, cfg)
     encoder = CovariateEncoder.load(encoder_path(weights)) if configured(cfg.cohort) else None
-    model = load_weights(task.wrap(build_model(cfg, int(meta.in_dim), task.n_outputs, encoder.dim if encoder else 0)), weights)
+    model = load_model(cfg, task, int(meta.in_dim), weights, encoder)
     model.covariate_encoder = encoder
     return model

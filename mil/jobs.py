@@ -118,11 +118,39 @@ def fold_job(out: Path, fold_name: str, enabled: bool = True, wait: bool = True)
         lock.release()
 
 
-def local_jobs(setting: Any, n_folds: int, work_per_fold: float, on_cpu: bool, cores: int | None = None) -> int:
-    """How many folds to train at once as processes on this machine (``cv.jobs``).
+@contextmanager
+def exclusive(folder: str | os.PathLike, name: str, wait: bool = True) -> Iterator[bool]:
+    """Hold the lock ``folder/.locks/<name>.lock`` (e.g. one inner model of a fold) while the block runs.
 
-    ``setting``: a positive int (at most ``n_folds`` are used), or ``"auto"``: ``min(n_folds,
-    cores, 8)`` when training runs on the CPU, at least two folds are to run, there are at least
+    Yields whether this process holds it: with ``wait`` it blocks while another process does;
+    without, it yields False at once.
+    """
+    lock = FileLock(_lock_path(Path(folder), name))
+    try:
+        lock.acquire(timeout=0)
+    except Timeout:
+        if not wait:
+            yield False
+            return
+        lock.acquire()
+    try:
+        yield True
+    finally:
+        lock.release()
+
+
+def is_running(out: str | os.PathLike, fold_name: str) -> bool:
+    """Whether a process holds the fold's lock (it is training the fold) and it is unfinished."""
+    return _fold_state(Path(out), fold_name)[0] == RUNNING
+
+
+def local_jobs(setting: Any, n_units: int, work_per_fold: float, on_cpu: bool, cores: int | None = None) -> int:
+    """How many processes train folds at once on this machine (``cv.jobs``).
+
+    ``n_units``: the units of work left: folds, or their inner models when those are averaged
+    (a process with no fold left trains inner models of the others', :mod:`mil.ensemble`).
+    ``setting``: a positive int (at most ``n_units`` are used), or ``"auto"``: ``min(n_units,
+    cores, 8)`` when training runs on the CPU, at least two units are to run, there are at least
     two cores and each fold plans at least 1e7 tile-features of work (``work_per_fold``:
     optimiser steps x tiles per step x feature width); else 1. On a GPU ``auto`` is 1.
     Why: at batch size 1 a fold is a long chain of small steps that keeps two cores busy only in
@@ -133,12 +161,12 @@ def local_jobs(setting: Any, n_folds: int, work_per_fold: float, on_cpu: bool, c
     """
     if isinstance(setting, str) and setting.strip().lower() == "auto":
         cores = usable_cores() if cores is None else cores
-        if not on_cpu or n_folds < 2 or cores < 2 or work_per_fold < MIN_WORK_FOR_PROCESSES:
+        if not on_cpu or n_units < 2 or cores < 2 or work_per_fold < MIN_WORK_FOR_PROCESSES:
             return 1
-        return min(n_folds, cores, MAX_AUTO_JOBS)
+        return min(n_units, cores, MAX_AUTO_JOBS)
     if isinstance(setting, bool) or not isinstance(setting, int) or setting < 1:
         raise ValueError(f"cv.jobs must be a positive number of processes or auto, got {setting!r}")
-    return max(1, min(setting, n_folds))
+    return max(1, min(setting, n_units))
 
 
 class LogsToParent(logging.Handler):

@@ -45,6 +45,35 @@ def confusion_scores(y: np.ndarray, pred: np.ndarray, n_classes: int) -> dict[st
     }
 
 
+def binary_auroc(y: np.ndarray, score: np.ndarray) -> float:
+    """Area under the ROC curve of ``score`` [n] for binary ``y`` [n] (1 = positive), as scikit-learn's
+    ``roc_auc_score``: the Mann-Whitney U statistic over n_pos x n_neg, tied scores counting 1/2
+    (Hanley & McNeil 1982, Radiology 143:29), from midranks. NaN unless both classes are present.
+    Computed here, like :func:`confusion_scores`, because scikit-learn's input checks dominate a bootstrap."""
+    y = np.asarray(y).astype(bool)
+    n_pos = int(y.sum())
+    n_neg = len(y) - n_pos
+    if not n_pos or not n_neg:
+        return math.nan
+    ranks = stats.rankdata(np.asarray(score, dtype=np.float64))
+    return float((ranks[y].sum() - n_pos * (n_pos + 1) / 2) / (n_pos * n_neg))
+
+
+def binary_average_precision(y: np.ndarray, score: np.ndarray) -> float:
+    """Average precision of ``score`` [n] for binary ``y`` [n], as scikit-learn's ``average_precision_score``:
+    the sum over distinct score thresholds (high to low) of the rise in recall times the precision
+    there (no interpolation). NaN without positives."""
+    y = np.asarray(y).astype(bool)
+    if not y.any():
+        return math.nan
+    order = np.argsort(-np.asarray(score, dtype=np.float64), kind="mergesort")
+    ranked, hits = np.asarray(score, dtype=np.float64)[order], y[order]
+    last = np.r_[np.flatnonzero(np.diff(ranked)), len(ranked) - 1]  # the last row at each distinct threshold
+    tp = np.cumsum(hits)[last]
+    precision, recall = tp / (last + 1), tp / tp[-1]
+    return float(np.sum(np.diff(recall, prepend=0.0) * precision))
+
+
 def classification_metrics(
     y: np.ndarray, probs: np.ndarray, calls: np.ndarray | None = None, classes: Sequence[str] | None = None
 ) -> dict[str, float]:
@@ -71,8 +100,8 @@ def classification_metrics(
         if len(np.unique(y)) < 2:
             out["auroc"] = out["ap"] = math.nan
         elif n_classes == 2:
-            out["auroc"] = float(roc_auc_score(y, probs[:, 1]))
-            out["ap"] = float(average_precision_score(y, probs[:, 1]))
+            out["auroc"] = binary_auroc(y, probs[:, 1])
+            out["ap"] = binary_average_precision(y, probs[:, 1])
         else:
             present = np.unique(y)
             onehot = np.eye(n_classes)[y][:, present]

@@ -21,7 +21,8 @@ from mil.bags import UNKNOWN, identity_value
 from mil.cohort import Cohort, LabelColumn, load_cohort
 from mil.config import ConfigError, load_config
 from mil.covariates import model_covariates, read_covariates
-from mil.crossval import id_columns, is_main_process, load_run_model, model_files, predictions_frame
+from mil.crossval import id_columns, is_main_process, load_run_model, predictions_frame
+from mil.fitting import model_files
 from mil.inference import predict_outputs, resolve_device
 from mil.io import atomic_path, write_text
 from mil.report import write_report

@@ -14,6 +14,7 @@ import torch
 from omegaconf import OmegaConf
 
 import mil.crossval
+import mil.fitting
 import mil.inference
 from mil.cohort import load_cohort
 from mil.config import ConfigError, load_config
@@ -52,7 +53,7 @@ def test_no_patient_leaks_and_test_fold_untouched_until_evaluation(tmp_path, coh
     events: list[tuple[str, str]] = []
     import mil.data
 
-    real_read, real_predict = mil.data.read_features, mil.crossval.predict_outputs
+    real_read, real_predict = mil.data.read_features, mil.fitting.predict_outputs
 
     def read(path, *a, **kw):
         events.append(("read", path.stem.split("-")[0]))
@@ -63,7 +64,7 @@ def test_no_patient_leaks_and_test_fold_untouched_until_evaluation(tmp_path, coh
         return real_predict(model, bags, *a, **kw)
 
     monkeypatch.setattr(mil.data, "read_features", read)
-    monkeypatch.setattr(mil.crossval, "predict_outputs", predict)
+    monkeypatch.setattr(mil.fitting, "predict_outputs", predict)
     out = run_crossval(_cfg(tmp_path, cohort_overrides, fast_overrides))
     folds = load_splits(out / "splits.yaml", set(pd.read_csv(out / "predictions.csv").patient_id))
     # Split events by evaluation markers: segment k holds fold k's training then its evaluation.
@@ -155,7 +156,7 @@ def test_train_writes_one_model(tmp_path, cohort_overrides, fast_overrides):
     loaded = model.state_dict()
     assert saved.keys() == loaded.keys() and all(torch.equal(saved[k], loaded[k]) for k in saved)
     L.seed_everything(cfg.train.seed, verbose=False)  # the initial weights, as _train_one draws them
-    initial = mil.crossval.build_model(cfg, 16, 2).state_dict()
+    initial = mil.fitting.build_model(cfg, 16, 2).state_dict()
     assert any(not torch.equal(initial[k], loaded[k]) for k in initial), "the saved weights were never trained"
 
 

@@ -99,11 +99,55 @@ def test_a_worker_whose_parent_has_gone_starts_no_fold(tmp_path, cohort_override
     assert started == [f.name for f in folds]
 
 
+def test_a_process_with_no_fold_left_trains_inner_models_of_a_running_fold(tmp_path, cohort_overrides, fast_overrides,
+                                                                          caplog):
+    """`cv.jobs` with averaged inner models: a process that finds every fold taken trains the inner models of a
+    fold another process holds; that fold's process loads them, and the run equals a sequential one.
+    A rerun of the fold loads the inner models finished on the same data and retrains one whose seed changed."""
+    import json
+
+    import mil.crossval
+    from mil.jobs import fold_job
+    from mil.splits import load_splits
+
+    ensemble = ["cv.inner_folds=3", "train.max_epochs=2"]
+    sequential = run_crossval(load_config([*_overrides(tmp_path, cohort_overrides, fast_overrides, "seq"), *ensemble]))
+    cfg = load_config([*_overrides(tmp_path, cohort_overrides, fast_overrides, "par"), *ensemble])
+    out, _ = mil.crossval.prepare_crossval(cfg)
+    cohort, task = mil.crossval.load_inputs(cfg)
+    folds = load_splits(out / "splits.yaml", set(cohort.patient_ids.tolist()))
+    members = [out / "fold_1" / f"inner_{j}" / "member.json" for j in range(3)]
+    with caplog.at_level(logging.INFO), fold_job(out, "fold_1"):  # fold_1 is running elsewhere
+        mil.crossval._train_folds(cfg, cohort, task, folds, out, [1], wait=False)
+    assert all(m.is_file() for m in members), caplog.text  # this process trained all three, the last first
+    helped = [r.getMessage() for r in caplog.records if "for the process that holds it" in r.getMessage()]
+    assert helped and "inner model 3/3" in helped[0], helped
+    assert not (out / "fold_1" / "predictions.csv").exists()
+    caplog.clear()
+    with caplog.at_level(logging.INFO):
+        run_crossval(cfg)
+    assert sum("earlier run on the same data; loaded" in r.getMessage() for r in caplog.records) == 3, caplog.text
+    pd.testing.assert_frame_equal(_pooled(out), _pooled(sequential), check_exact=True)
+
+    saved = json.loads(members[0].read_text())
+    saved["record"]["seed"] += 1
+    members[0].write_text(json.dumps(saved))
+    (out / "fold_1" / "predictions.csv").unlink()
+    caplog.clear()
+    with caplog.at_level(logging.INFO):
+        run_crossval(cfg)
+    messages = [r.getMessage() for r in caplog.records]
+    assert sum("loaded" in m and "inner model" in m for m in messages) == 2, messages
+    assert any("inner_0 was trained otherwise than now (another seed)" in m for m in messages), messages
+    pd.testing.assert_frame_equal(_pooled(out), _pooled(sequential), check_exact=True)
+
+
 @pytest.mark.parametrize(
-    ("setting", "n_folds", "work", "on_cpu", "cores", "expected"),
+    ("setting", "n_units", "work", "on_cpu", "cores", "expected"),
     [
         ("auto", 5, 7e8, True, 2, 2),  # CPU: a process per core (near_normal_120: 7e8 tile-features a fold)
-        ("auto", 5, 7e8, True, 16, 5),  # no more processes than folds
+        ("auto", 5, 7e8, True, 16, 5),  # no more processes than units of work (folds, or inner models)
+        ("auto", 15, 7e8, True, 16, 8),  # 5 folds x 3 inner models
         ("auto", 25, 7e8, True, 64, 8),  # each process holds its own bag cache
         ("auto", 5, 7e8, False, 16, 1),  # a GPU: one process at a time
         ("auto", 5, 1e6, True, 16, 1),  # tiny folds: starting processes costs more than it saves
@@ -113,8 +157,8 @@ def test_a_worker_whose_parent_has_gone_starts_no_fold(tmp_path, cohort_override
         (8, 2, 10, True, 2, 2),
     ],
 )
-def test_local_jobs_resolves_cv_jobs(setting, n_folds, work, on_cpu, cores, expected):
-    assert local_jobs(setting, n_folds, work, on_cpu, cores) == expected
+def test_local_jobs_resolves_cv_jobs(setting, n_units, work, on_cpu, cores, expected):
+    assert local_jobs(setting, n_units, work, on_cpu, cores) == expected
 
 
 @pytest.mark.parametrize("bad", [0, -1, "many", 1.5, True])

@@ -7,9 +7,9 @@ from functools import partial
 import numpy as np
 import pandas as pd
 import pytest
-from sklearn.metrics import roc_auc_score
+from sklearn.metrics import average_precision_score, roc_auc_score
 
-from mil.metrics import bootstrap_ci, classification_metrics
+from mil.metrics import binary_auroc, binary_average_precision, bootstrap_ci, classification_metrics
 from mil.report import evaluate
 
 CLASSES = ["neg", "pos"]
@@ -61,3 +61,16 @@ def test_cluster_bootstrap_matches_a_hand_computed_one():
     # one row per group is exactly the row bootstrap
     rows = bootstrap_ci(lambda y, p: {"m": float(p.mean())}, y, p, n_boot=50, seed=2)
     assert bootstrap_ci(lambda y, p: {"m": float(p.mean())}, y, p, n_boot=50, seed=2, groups=np.arange(len(y))) == rows
+
+
+def test_binary_auroc_and_average_precision_equal_scikit_learn_with_ties():
+    """The bootstrap's own AUROC and AP (fast) give scikit-learn's values, also with tied scores and few bags."""
+    rng = np.random.default_rng(3)
+    for _ in range(300):
+        n = int(rng.integers(2, 60))
+        y = rng.integers(0, 2, n)
+        score = np.round(rng.random(n), int(rng.integers(1, 3)))  # many ties at 1-2 decimals
+        if 0 < y.sum() < n:
+            assert binary_auroc(y, score) == pytest.approx(roc_auc_score(y, score), abs=1e-12)
+            assert binary_average_precision(y, score) == pytest.approx(average_precision_score(y, score), abs=1e-12)
+    assert np.isnan(binary_auroc(np.ones(4), np.arange(4.0))) and np.isnan(binary_average_precision(np.zeros(3), np.ones(3)))

@@ -17,7 +17,8 @@ from omegaconf import OmegaConf
 import mil.crossval
 from mil.cohort import load_cohort
 from mil.config import load_config
-from mil.crossval import load_run_model, model_files, run_crossval
+from mil.crossval import load_run_model, run_crossval
+from mil.fitting import model_files
 from mil.inference import predict_outputs
 from mil.predict import run_predict
 from mil.report import report_predictions
