@@ -71,9 +71,7 @@ from mil.splits import (
 from mil.tables import ONLY_EMPTY_IS_MISSING
 from mil.tasks import Task, create_task, task_class, task_from_meta
 from mil.thresholds import record_in_run, validation_threshold
-from mil.training import (
-    budget_epochs,
-)
+from mil.training import budget_epochs
 
 logger = logging.getLogger(__name__)
 

@@ -29,7 +29,7 @@ from mil.covariates import CovariateEncoder, configured, encode_split, encoder_p
 from mil.fitting import MODEL_FILE, FoldModel, fit_model, load_model
 from mil.inference import predict_outputs, resolve_device, save_weights
 from mil.io import write_json
-from mil.jobs import DONE_FILE, exclusive, is_running
+from mil.jobs import DONE_FILE, MEMBER_FILE, exclusive, is_running
 from mil.provenance import record_changes, split_record
 from mil.splits import Fold, inner_fold_count, inner_folds
 from mil.tasks import Task
@@ -42,8 +42,6 @@ from mil.training import (
 )
 
 logger = logging.getLogger(__name__)
-
-MEMBER_FILE = "member.json"  # in inner_<j>/, written last: the inner model is finished
 
 
 def inner_parts(

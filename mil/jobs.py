@@ -26,7 +26,7 @@ import socket
 import sys
 import threading
 import traceback
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
 from pathlib import Path
@@ -43,6 +43,7 @@ logger = logging.getLogger(__name__)
 LOCK_DIR = ".locks"
 FAILED_FILE = "failed.txt"  # in the fold's folder: the traceback of its last failure
 DONE_FILE = "predictions.csv"  # in the fold's folder: written last, atomically
+MEMBER_FILE = "member.json"  # in a fold's inner_<j>/ (mil.ensemble): written last, the inner model is finished
 POOLED_FILES = ("predictions.csv", "metrics.json", "summary.md")
 # Where and how jobs run; never part of what a run computes (so a resumed run may change them).
 LAUNCHER_KEYS = {"launcher.partition", "launcher.time", "launcher.gpus", "launcher.cpus", "launcher.mem", "cv.jobs"}
@@ -96,16 +97,11 @@ def fold_job(out: Path, fold_name: str, enabled: bool = True, wait: bool = True)
         yield True
         return
     fold_dir = Path(out) / fold_name
-    lock = FileLock(_lock_path(out, fold_name))
-    try:
-        lock.acquire(timeout=0)
-    except Timeout:
-        if not wait:
+    with exclusive(out, fold_name, wait, waiting=lambda: f"{fold_name} is being trained by another job "
+                   f"({_owner(out, fold_name)}); waiting for it") as mine:
+        if not mine:
             yield False
             return
-        logger.info("%s is being trained by another job (%s); waiting for it", fold_name, _owner(out, fold_name))
-        lock.acquire()
-    try:
         write_text(_owner_path(out, fold_name), _describe_self())
         (fold_dir / FAILED_FILE).unlink(missing_ok=True)
         try:
@@ -114,16 +110,15 @@ def fold_job(out: Path, fold_name: str, enabled: bool = True, wait: bool = True)
             fold_dir.mkdir(parents=True, exist_ok=True)
             write_text(fold_dir / FAILED_FILE, f"{_describe_self()}\n{traceback.format_exc()}")
             raise
-    finally:
-        lock.release()
 
 
 @contextmanager
-def exclusive(folder: str | os.PathLike, name: str, wait: bool = True) -> Iterator[bool]:
-    """Hold the lock ``folder/.locks/<name>.lock`` (e.g. one inner model of a fold) while the block runs.
+def exclusive(folder: str | os.PathLike, name: str, wait: bool = True, waiting: Callable[[], str] | None = None
+              ) -> Iterator[bool]:
+    """Hold the lock ``folder/.locks/<name>.lock`` (a fold, one inner model of a fold) while the block runs.
 
-    Yields whether this process holds it: with ``wait`` it blocks while another process does;
-    without, it yields False at once.
+    Yields whether this process holds it: with ``wait`` it blocks while another process does
+    (first logging ``waiting()``, when given); without, it yields False at once.
     """
     lock = FileLock(_lock_path(Path(folder), name))
     try:
@@ -132,6 +127,8 @@ def exclusive(folder: str | os.PathLike, name: str, wait: bool = True) -> Iterat
         if not wait:
             yield False
             return
+        if waiting is not None:
+            logger.info("%s", waiting())
         lock.acquire()
     try:
         yield True
@@ -258,7 +255,7 @@ def run_status(run_dir: str | os.PathLike) -> RunStatus:
     """The state of every fold of a ``mil crossval`` run folder.
 
     A fold is *finished* when its ``predictions.csv`` exists, *running* while a process holds
-    its lock, *failed* when its last attempt left ``failed.txt`` (the detail is the error's last
+    its lock (the detail counts its finished inner models, ``cv.inner_folds``), *failed* when its last attempt left ``failed.txt`` (the detail is the error's last
     line), *interrupted* when it was started but no process holds it (killed: out of memory,
     time limit), else *not started*. Raises ``FileNotFoundError`` when ``splits.yaml`` is absent.
     """
@@ -287,7 +284,8 @@ def _fold_state(out: Path, name: str) -> tuple[str, str]:
         try:
             lock.acquire(timeout=0)
         except Timeout:
-            return RUNNING, _owner(out, name)
+            inner = len(list(fold_dir.glob(f"inner_*/{MEMBER_FILE}")))
+            return RUNNING, _owner(out, name) + (f"; {inner} inner model(s) finished" if inner else "")
         lock.release()
     failed = fold_dir / FAILED_FILE
     if failed.is_file():

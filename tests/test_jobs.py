@@ -230,6 +230,9 @@ def test_status_reports_failed_running_and_interrupted_folds(tmp_path, cohort_ov
     try:
         assert holder.stdout.readline().strip() == "held"
         assert run_status(out).folds[2].state == RUNNING
+        (out / "fold_2" / "inner_1").mkdir()
+        (out / "fold_2" / "inner_1" / "member.json").write_text("{}")
+        assert run_status(out).folds[2].detail.endswith("; 1 inner model(s) finished")
     finally:
         holder.kill()
         holder.wait()
