@@ -398,6 +398,21 @@ def require(cfg: DictConfig, keys: Iterable[str], command: str) -> None:
         )
 
 
+def flat_config(cfg: DictConfig) -> dict[str, Any]:
+    """``{dotted key: value}`` of every leaf of ``cfg`` (resolved), e.g. ``{"train.lr": 0.0005, ...}``."""
+    flat: dict[str, Any] = {}
+
+    def walk(node: Any, prefix: str) -> None:
+        if isinstance(node, dict):
+            for k, v in node.items():
+                walk(v, f"{prefix}{k}.")
+        else:
+            flat[prefix[:-1]] = node
+
+    walk(OmegaConf.to_container(cfg, resolve=True), "")
+    return flat
+
+
 def to_yaml(cfg: DictConfig) -> str:
     return OmegaConf.to_yaml(cfg, resolve=True)
 

@@ -30,14 +30,14 @@ from omegaconf import DictConfig, OmegaConf
 from mil import __version__
 from mil.bags import read_bag_info
 from mil.cohort import Bag, Cohort, load_cohort
-from mil.config import ConfigError, load_config, require, save_config, usable_cores
+from mil.config import ConfigError, flat_config, load_config, require, save_config, usable_cores
 from mil.covariates import CovariateEncoder, configured, encode_split, encoder_path, read_covariates
 from mil.ensemble import choose_on_inner_folds, help_running_fold, inner_ensemble, inner_parts
 from mil.fitting import FoldModel, fit_model, load_model, model_files
 from mil.inference import resolve_device
 from mil.io import atomic_path, write_json, write_text
 from mil.jobs import (
-    LAUNCHER_KEYS,
+    RESULT_FREE_KEYS,
     LogsToParent,
     fold_job,
     local_jobs,
@@ -75,8 +75,6 @@ from mil.training import budget_epochs
 
 logger = logging.getLogger(__name__)
 
-# Keys that do not change results: a resumed run may differ in these.
-_RESUME_FREE = {"output_dir", "trainer.enable_progress_bar", "trainer.logger", "train.num_workers", "cv.split_file"} | LAUNCHER_KEYS
 _REQUIRED = ["cohort.features_dir"]  # and a table: cohort.slide_csv and/or cohort.clinical_csv (load_cohort)
 
 
@@ -84,29 +82,17 @@ def is_main_process() -> bool:
     return rank_zero_only.rank == 0
 
 
-def _flat(cfg: DictConfig) -> dict[str, Any]:
-    flat: dict[str, Any] = {}
-
-    def walk(node: Any, prefix: str) -> None:
-        if isinstance(node, dict):
-            for k, v in node.items():
-                walk(v, f"{prefix}{k}.")
-        else:
-            flat[prefix[:-1]] = node
-
-    walk(OmegaConf.to_container(cfg, resolve=True), "")
-    return flat
-
-
 def _check_resumable(cfg: DictConfig, out: Path) -> None:
     saved_path = out / "config.yaml"
     if not saved_path.is_file():
         return
-    if not finished_work(out):  # e.g. a run that failed on a typo: nothing to protect
+    # No finished fold or model (e.g. a run that failed on a typo): nothing to protect. Inner models an
+    # interrupted fold left are reused only where their record (patients, files, config, seed) matches.
+    if not finished_work(out):
         logger.info("%s holds no finished folds or models: starting it again with this config", out)
         return
-    saved, now = _flat(load_config(base=OmegaConf.load(saved_path))), _flat(cfg)
-    diff = {k for k in saved.keys() | now.keys() if saved.get(k) != now.get(k)} - _RESUME_FREE
+    saved, now = flat_config(load_config(base=OmegaConf.load(saved_path))), flat_config(cfg)
+    diff = {k for k in saved.keys() | now.keys() if saved.get(k) != now.get(k)} - RESULT_FREE_KEYS
     if diff:
         details = ", ".join(f"{k}: {saved.get(k)!r} -> {now.get(k)!r}" for k in sorted(diff)[:5])
         raise ConfigError(
@@ -443,7 +429,8 @@ def _train_in_processes(
 ) -> None:
     """Train folds in ``jobs`` processes at once: this one and ``jobs - 1`` worker processes.
 
-    Each process takes the next fold nobody holds (the fold locks of :mod:`mil.jobs`), with
+    Each process takes the next fold nobody holds (the fold locks of :mod:`mil.jobs`), and once
+    none is left trains inner models of folds others hold (:func:`mil.ensemble.help_running_fold`), with
     ``cores // jobs`` torch threads, and logs one line per epoch (progress bars of several
     processes would overwrite each other). Every fold keeps its own seed, so the results are
     those of a sequential run. A fold left unfinished (a worker failed or was killed, or a
@@ -455,8 +442,9 @@ def _train_in_processes(
     threads = max(1, usable_cores() // jobs)
     run_cfg = cfg.copy()
     run_cfg.trainer.enable_progress_bar = False
-    logger.info("training %d folds in %d processes (cv.jobs=%s), %d torch thread(s) each", len(indices), jobs,
-                cfg.cv.jobs, threads)
+    logger.info("training %d folds in %d processes (cv.jobs=%s), %d torch thread(s) each%s", len(indices), jobs,
+                cfg.cv.jobs, threads, "; a process with no fold left trains inner models of the others'"
+                if cfg.cv.inner_folds and not cfg.train.refit else "")
     # Workers send every record this process would log; it logs them as its own (mil.jobs.relay_logs).
     level = min(logging.getLogger().getEffectiveLevel(), logging.getLogger("mil").getEffectiveLevel())
     code = (f"from mil.crossval import fold_worker; "
@@ -492,7 +480,8 @@ def _train_in_processes(
 
 
 def fold_worker(run_dir: str, indices: list[int], threads: int, log_level: int, parent: int | None = None) -> None:
-    """Body of a worker process of ``cv.jobs``: train the listed folds of ``run_dir`` that no process holds.
+    """Body of a worker process of ``cv.jobs``: train the listed folds of ``run_dir`` that no process holds,
+    then inner models of those other processes hold.
 
     Reads the run's ``config.yaml`` and ``splits.yaml`` (written by the parent) and writes only
     fold folders; the parent pools. Log records go to the parent as JSON lines on stdout. Once

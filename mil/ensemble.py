@@ -5,7 +5,8 @@ default), or choosing the number of epochs of one refit (:func:`choose_on_inner_
 ``train.refit``).
 
 Each averaged inner model is a unit of work of its own, saved in ``<fold>/inner_<j>/`` with
-``member.json`` written last (the patients and seed it was trained with, and its summary),
+``member.json`` written last (the patients, their files, the config and the seed it was trained
+with, and its summary),
 under the lock ``<fold>/.locks/inner_<j>.lock``. So a ``cv.jobs`` process with no fold left
 trains inner models of the folds other processes are training (:func:`help_running_fold`; with
 5 folds on 2 processes one core no longer idles through the last fold), and a rerun of an
@@ -17,6 +18,7 @@ from __future__ import annotations
 import json
 import logging
 import math
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -25,11 +27,12 @@ import torch
 from omegaconf import DictConfig
 
 from mil.cohort import Bag, Cohort
+from mil.config import flat_config
 from mil.covariates import CovariateEncoder, configured, encode_split, encoder_path
 from mil.fitting import MODEL_FILE, FoldModel, fit_model, load_model
 from mil.inference import predict_outputs, resolve_device, save_weights
 from mil.io import write_json
-from mil.jobs import DONE_FILE, MEMBER_FILE, exclusive, is_running
+from mil.jobs import DONE_FILE, MEMBER_FILE, RESULT_FREE_KEYS, exclusive, is_running
 from mil.provenance import record_changes, split_record
 from mil.splits import Fold, inner_fold_count, inner_folds
 from mil.tasks import Task
@@ -81,7 +84,8 @@ def inner_ensemble(
     parts' pooled predictions (each patient predicted by the model it validated); averaged
     predictions are a little less spread than one model's, which the threshold does not see.
     Each model is a unit of work of its own (:func:`_member`): one finished by another process, or
-    by an interrupted run before this one, on the same patients and seed, is loaded, not trained.
+    by an interrupted run before this one, as it would be trained now (the same patients and their
+    files, config and seed), is loaded, not trained.
     """
     k = len(parts)
     found = {j: _member(cfg, cohort, task, parts, j, out_dir, seed, what, wait=False) for j in range(k)}
@@ -184,9 +188,16 @@ def _shared(cfg: DictConfig) -> bool:
     return devices == "1" or (devices == "auto" and resolve_device(cfg.trainer.accelerator).type == "cpu")
 
 
+def _member_record(cfg: DictConfig, cohort: Cohort, part: tuple[list[str], list[str]], seed: int) -> dict[str, Any]:
+    """What inner model training on ``part`` depends on: the patients (their files and labels), the config
+    (but for the keys that never change results) and the seed."""
+    config = {k: v for k, v in flat_config(cfg).items() if k not in RESULT_FREE_KEYS}
+    return {**split_record(cohort, {"train": part[0], "val": part[1]}), "config": config, "seed": seed}
+
+
 def _saved_member(folder: Path, record: dict[str, Any]) -> dict[str, Any] | None:
-    """The summary of the inner model saved in ``folder`` when it was trained as ``record`` says (patients, their
-    files and labels, seed); else None, logging why it is trained again."""
+    """The summary of the inner model saved in ``folder`` when it was trained as ``record`` says; else None,
+    logging what differs (it is then trained again)."""
     path = folder / MEMBER_FILE
     if not path.is_file():
         return None
@@ -196,7 +207,15 @@ def _saved_member(folder: Path, record: dict[str, Any]) -> dict[str, Any] | None
         logger.warning("%s is unreadable (%s): training its inner model again", path, e)
         return None
     before = saved.get("record") or {}
-    changes = record_changes(before or None, record) + ([] if before.get("seed") == record["seed"] else ["another seed"])
+    changes = record_changes(before or None, record)
+    config_before = before.get("config") or {}
+    keys = sorted(k for k in config_before.keys() | record["config"].keys()
+                  if config_before.get(k) != record["config"].get(k))
+    if keys:
+        changes.append("config " + ", ".join(f"{k}: {config_before.get(k)!r} -> {record['config'].get(k)!r}"
+                                              for k in keys[:5]))
+    if before.get("seed") != record["seed"]:
+        changes.append("another seed")
     if changes:
         logger.info("%s was trained otherwise than now (%s): training it again", folder, "; ".join(changes))
         return None
@@ -205,35 +224,40 @@ def _saved_member(folder: Path, record: dict[str, Any]) -> dict[str, Any] | None
 
 def _member(
     cfg: DictConfig, cohort: Cohort, task: Task, parts: list[tuple[list[str], list[str]]], j: int, out_dir: Path,
-    seed: int, what: str, wait: bool = True, load: bool = True,
+    seed: int, what: str, wait: bool = True, helping: Callable[[], bool] | None = None,
 ) -> tuple[torch.nn.Module, dict[str, Any], CovariateEncoder | None] | None:
     """Inner model ``j`` of ``parts`` (model, summary, covariate encoder), trained into ``out_dir/inner_<j>``.
 
-    Loaded instead when it is finished there on the same patients and seed (by another process, or
-    by an interrupted run before). Returns None when another process holds it and not ``wait``, or
-    when it is finished and not ``load``. Under DDP (several devices) it is always trained.
+    Loaded instead when it is finished there as it would be trained now (patients, files, config
+    and seed; by another process, or by an interrupted run before). Returns None when another
+    process holds it and not ``wait``. ``helping``: this process trains it for the process that
+    holds the fold, only if nobody has started it (no ``member.json``) and ``helping()`` is still
+    true once the lock is held; then it returns None. Under DDP (several devices) it is always
+    trained here.
     """
     folder, s = out_dir / f"inner_{j}", member_seed(seed, j)
     name = f"{what} (inner model {j + 1}/{len(parts)})"
     if not _shared(cfg):
         return fit_model(cfg, cohort, task, *parts[j], folder, s, name)
-    record = {**split_record(cohort, {"train": parts[j][0], "val": parts[j][1]}), "seed": s}
-    with exclusive(out_dir, folder.name, wait=wait) as mine:
+    record = _member_record(cfg, cohort, parts[j], s)
+    with exclusive(out_dir, folder.name, wait=wait and helping is None) as mine:
         if not mine:
             return None
-        summary = _saved_member(folder, record)
-        if summary is not None:
-            if not load:
+        if helping is not None:
+            if (folder / MEMBER_FILE).exists() or not helping():  # the fold's own process decides about it
                 return None
-            logger.info("%s: finished by another process or an earlier run on the same data; loaded", name)
-            encoder = CovariateEncoder.load(encoder_path(folder / MODEL_FILE)) if configured(cfg.cohort) else None
-            return load_model(cfg, task, cohort.dim, folder / MODEL_FILE, encoder), summary, encoder
+        else:
+            summary = _saved_member(folder, record)
+            if summary is not None:
+                logger.info("%s: finished by another process or an earlier run, as it would be now; loaded", name)
+                encoder = CovariateEncoder.load(encoder_path(folder / MODEL_FILE)) if configured(cfg.cohort) else None
+                return load_model(cfg, task, cohort.dim, folder / MODEL_FILE, encoder), summary, encoder
         model, summary, encoder = fit_model(cfg, cohort, task, *parts[j], folder, s, name)
         if encoder is not None:
             encoder.save(encoder_path(folder / MODEL_FILE))
         save_weights(model, folder / MODEL_FILE)
         write_json(folder / MEMBER_FILE, {"record": record, "summary": summary})  # last: marks it finished
-        return model, summary, encoder
+        return None if helping is not None else (model, summary, encoder)
 
 
 def help_running_fold(cfg: DictConfig, cohort: Cohort, task: Task, fold: Fold, fold_dir: Path, seed: int) -> None:
@@ -242,13 +266,23 @@ def help_running_fold(cfg: DictConfig, cohort: Cohort, task: Task, fold: Fold, f
     For ``cv.jobs`` processes that have no fold left to take: they go from the last inner model
     down while the fold's own process goes up, and each model is saved for that process to load
     (:func:`inner_ensemble`). Does nothing unless the fold is running elsewhere and unfinished,
-    and ``cv.inner_folds`` models are averaged on one device each.
+    and ``cv.inner_folds`` models are averaged on one device each. An error stops the helping
+    with a warning: the fold's own process trains that model again and reports its error.
     """
-    if not cfg.cv.inner_folds or cfg.train.refit or not _shared(cfg) or not is_running(fold_dir.parent, fold.name):
+    out = fold_dir.parent
+    if not cfg.cv.inner_folds or cfg.train.refit or not _shared(cfg) or not is_running(out, fold.name):
         return
-    parts = inner_parts(cfg, cohort, task, sorted([*fold.train, *fold.val]), seed, fold.name, quiet=True)
-    for j in reversed(range(len(parts or []))):
-        if (fold_dir / DONE_FILE).is_file() or not is_running(fold_dir.parent, fold.name):
-            return
-        _member(cfg, cohort, task, parts, j, fold_dir, seed, f"{fold.name}, for the process that holds it",
-                wait=False, load=False)
+
+    def still_running() -> bool:
+        return not (fold_dir / DONE_FILE).is_file() and is_running(out, fold.name)
+
+    try:
+        parts = inner_parts(cfg, cohort, task, sorted([*fold.train, *fold.val]), seed, fold.name, quiet=True)
+        for j in reversed(range(len(parts or []))):
+            if not still_running():
+                return
+            _member(cfg, cohort, task, parts, j, fold_dir, seed, f"{fold.name}, for the process that holds it",
+                    wait=False, helping=still_running)
+    except Exception as e:  # the fold's own process retrains the model and raises the error
+        logger.warning("%s: training an inner model for the process that holds the fold failed (%s: %s); "
+                       "that process trains it itself", fold.name, type(e).__name__, e)

@@ -8,6 +8,9 @@ terminals) may start at the same moment on one ``output_dir``:
   (the usual resume check) and read the same splits;
 * ``.locks/<fold>.lock`` is held while a fold trains, so two jobs never train one fold; a
   process that dies (killed, out of memory, time limit) releases it with its file handles;
+* with averaged inner models (``cv.inner_folds``), ``<fold>/.locks/inner_<j>.lock`` is held while
+  one trains: a local ``cv.jobs`` process with no fold left trains inner models of a fold
+  another holds, which that fold's process loads (:mod:`mil.ensemble`);
 * a fold that raises leaves ``<fold>/failed.txt`` (the traceback) for ``mil status``;
 * the pooled outputs are written under the run lock by whichever job sees every fold finished
   and the pooled files older than the folds, so they are written once.
@@ -51,6 +54,10 @@ LAUNCHER_KEYS = {"launcher.partition", "launcher.time", "launcher.gpus", "launch
 # tile-features (optimiser steps x tiles per step x feature width): below it a fold takes a few seconds,
 # and starting a process (importing torch and Lightning) took about 10 s on the 2-core machine.
 MIN_WORK_FOR_PROCESSES = 10**7
+# Keys that never change what a run computes: a resumed run may differ in these, and a saved inner model
+# (mil.ensemble) does not record them.
+RESULT_FREE_KEYS = {"output_dir", "trainer.enable_progress_bar", "trainer.logger", "train.num_workers",
+                    "cv.split_file"} | LAUNCHER_KEYS
 MAX_AUTO_JOBS = 8  # each process holds its own copy of the cached bags
 
 FINISHED, RUNNING, FAILED, INTERRUPTED, NOT_STARTED = "finished", "running", "failed", "interrupted", "not started"
@@ -284,7 +291,8 @@ def _fold_state(out: Path, name: str) -> tuple[str, str]:
         try:
             lock.acquire(timeout=0)
         except Timeout:
-            inner = len(list(fold_dir.glob(f"inner_*/{MEMBER_FILE}")))
+            started = _owner_path(out, name).stat().st_mtime if _owner_path(out, name).is_file() else 0.0
+            inner = sum(p.stat().st_mtime >= started for p in fold_dir.glob(f"inner_*/{MEMBER_FILE}"))
             return RUNNING, _owner(out, name) + (f"; {inner} inner model(s) finished" if inner else "")
         lock.release()
     failed = fold_dir / FAILED_FILE

@@ -50,24 +50,24 @@ def binary_auroc(y: np.ndarray, score: np.ndarray) -> float:
     ``roc_auc_score``: the Mann-Whitney U statistic over n_pos x n_neg, tied scores counting 1/2
     (Hanley & McNeil 1982, Radiology 143:29), from midranks. NaN unless both classes are present.
     Computed here, like :func:`confusion_scores`, because scikit-learn's input checks dominate a bootstrap."""
-    y = np.asarray(y).astype(bool)
+    y, score = np.asarray(y).astype(bool), np.asarray(score, dtype=np.float64)
     n_pos = int(y.sum())
     n_neg = len(y) - n_pos
-    if not n_pos or not n_neg:
+    if not n_pos or not n_neg or not np.isfinite(score).all():
         return math.nan
-    ranks = stats.rankdata(np.asarray(score, dtype=np.float64))
+    ranks = stats.rankdata(score)
     return float((ranks[y].sum() - n_pos * (n_pos + 1) / 2) / (n_pos * n_neg))
 
 
 def binary_average_precision(y: np.ndarray, score: np.ndarray) -> float:
     """Average precision of ``score`` [n] for binary ``y`` [n], as scikit-learn's ``average_precision_score``:
     the sum over distinct score thresholds (high to low) of the rise in recall times the precision
-    there (no interpolation). NaN without positives."""
-    y = np.asarray(y).astype(bool)
-    if not y.any():
+    there (no interpolation). NaN without positives or with a non-finite score."""
+    y, score = np.asarray(y).astype(bool), np.asarray(score, dtype=np.float64)
+    if not y.any() or not np.isfinite(score).all():
         return math.nan
-    order = np.argsort(-np.asarray(score, dtype=np.float64), kind="mergesort")
-    ranked, hits = np.asarray(score, dtype=np.float64)[order], y[order]
+    order = np.argsort(-score, kind="mergesort")
+    ranked, hits = score[order], y[order]
     last = np.r_[np.flatnonzero(np.diff(ranked)), len(ranked) - 1]  # the last row at each distinct threshold
     tp = np.cumsum(hits)[last]
     precision, recall = tp / (last + 1), tp / tp[-1]

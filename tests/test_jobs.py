@@ -117,8 +117,9 @@ def test_a_process_with_no_fold_left_trains_inner_models_of_a_running_fold(tmp_p
     cohort, task = mil.crossval.load_inputs(cfg)
     folds = load_splits(out / "splits.yaml", set(cohort.patient_ids.tolist()))
     members = [out / "fold_1" / f"inner_{j}" / "member.json" for j in range(3)]
+    worker_cfg = load_config([str(out / "config.yaml"), "trainer.enable_progress_bar=false"])  # as a worker reads it
     with caplog.at_level(logging.INFO), fold_job(out, "fold_1"):  # fold_1 is running elsewhere
-        mil.crossval._train_folds(cfg, cohort, task, folds, out, [1], wait=False)
+        mil.crossval._train_folds(worker_cfg, cohort, task, folds, out, [1], wait=False)
     assert all(m.is_file() for m in members), caplog.text  # this process trained all three, the last first
     helped = [r.getMessage() for r in caplog.records if "for the process that holds it" in r.getMessage()]
     assert helped and "inner model 3/3" in helped[0], helped
@@ -126,7 +127,7 @@ def test_a_process_with_no_fold_left_trains_inner_models_of_a_running_fold(tmp_p
     caplog.clear()
     with caplog.at_level(logging.INFO):
         run_crossval(cfg)
-    assert sum("earlier run on the same data; loaded" in r.getMessage() for r in caplog.records) == 3, caplog.text
+    assert sum("as it would be now; loaded" in r.getMessage() for r in caplog.records) == 3, caplog.text
     pd.testing.assert_frame_equal(_pooled(out), _pooled(sequential), check_exact=True)
 
     saved = json.loads(members[0].read_text())
@@ -140,6 +141,15 @@ def test_a_process_with_no_fold_left_trains_inner_models_of_a_running_fold(tmp_p
     assert sum("loaded" in m and "inner model" in m for m in messages) == 2, messages
     assert any("inner_0 was trained otherwise than now (another seed)" in m for m in messages), messages
     pd.testing.assert_frame_equal(_pooled(out), _pooled(sequential), check_exact=True)
+
+    # An interrupted fold rerun with another config (allowed: no fold had finished) retrains its inner models.
+    (out / "fold_1" / "predictions.csv").unlink()
+    caplog.clear()
+    with caplog.at_level(logging.INFO):
+        mil.crossval._train_folds(load_config([*_overrides(tmp_path, cohort_overrides, fast_overrides, "par"), *ensemble,
+                                               "train.lr=1e-3"]), cohort, task, folds, out, [1], wait=True)
+    messages = [r.getMessage() for r in caplog.records]
+    assert sum("was trained otherwise than now (config train.lr:" in m and "-> 0.001)" in m for m in messages) == 3, messages
 
 
 @pytest.mark.parametrize(

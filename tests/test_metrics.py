@@ -74,3 +74,6 @@ def test_binary_auroc_and_average_precision_equal_scikit_learn_with_ties():
             assert binary_auroc(y, score) == pytest.approx(roc_auc_score(y, score), abs=1e-12)
             assert binary_average_precision(y, score) == pytest.approx(average_precision_score(y, score), abs=1e-12)
     assert np.isnan(binary_auroc(np.ones(4), np.arange(4.0))) and np.isnan(binary_average_precision(np.zeros(3), np.ones(3)))
+    with_nan = np.array([0.1, np.nan, 0.8, 0.3])
+    assert np.isnan(binary_auroc(np.array([0, 1, 1, 0]), with_nan))
+    assert np.isnan(binary_average_precision(np.array([0, 1, 1, 0]), with_nan))
