@@ -165,12 +165,11 @@ def prepare_or_skip(ref: SlideRef, opt: ExtractOptions, out: Path, expected: dic
     ``defer_qc``: see :func:`encoders.prepare.prepare_slide`.
     """
     start = time.perf_counter()
-
-    def result(status: str, n: int = 0, reason: str = "") -> SlideResult:
-        return SlideResult(ref.slide_id, status, n, reason, str(ref.path), time.perf_counter() - start)
-
     path = bag_path(out, ref.slide_id)
     if path.exists():
+        def result(status: str, n: int = 0, reason: str = "") -> SlideResult:
+            return SlideResult(ref.slide_id, status, n, reason, str(ref.path), time.perf_counter() - start)
+
         try:
             geometry = slide_geometry(ref, opt)
         except Exception as e:  # the slide itself fails: report it as a failed slide
@@ -181,7 +180,14 @@ def prepare_or_skip(ref: SlideRef, opt: ExtractOptions, out: Path, expected: dic
             return result(FAILED, reason=existing)
         if existing is not None:
             return result(SKIPPED, existing.n_tiles, existing.reason)
-    _remove_stale_temporaries(path)
+    return prepare_new(ref, opt, out, defer_qc)
+
+
+def prepare_new(ref: SlideRef, opt: ExtractOptions, out: Path,
+                defer_qc: Callable[[Callable[[], None]], None] | None = None) -> SlideResult | PreparedSlide:
+    """Prepare a slide whose bag is missing or to be made again; never raises (failures become results)."""
+    start = time.perf_counter()
+    _remove_stale_temporaries(bag_path(out, ref.slide_id))
     try:
         return prepare_slide(ref, opt, out / "qc", defer_qc)
     except Exception as e:  # one bad slide must not stop the run
@@ -213,31 +219,47 @@ def _failed(ref: SlideRef, error: Exception, seconds: float) -> SlideResult:
     return SlideResult(ref.slide_id, FAILED, 0, reason, str(ref.path), seconds)
 
 
-def extract_slides(refs: Sequence[SlideRef], encoder: TimmEncoder, opt: ExtractOptions,
+def extract_slides(refs: Sequence[SlideRef], load_encoder: Callable[[], TimmEncoder], opt: ExtractOptions,
                    out: Path) -> Iterator[SlideResult]:
     """Results slide by slide; a background thread prepares the next slide while this one is encoded.
 
-    The same thread then renders this slide's QC PNG: neither is needed to encode this slide's
-    tiles, so both overlap its encoding instead of delaying it.
+    The first slide is prepared while ``load_encoder`` runs (Virchow2's 632M weights take
+    seconds), unless its bag exists: whether to skip it depends on the encoder. The same
+    thread renders each slide's QC PNG: neither is needed to encode the slide's tiles, so
+    both overlap its encoding instead of delaying it.
     """
-    expected = {**encoder.bag_attrs(), "mpp": opt.target_mpp, "tile_px": opt.tile_px}
     with ThreadPoolExecutor(1, thread_name_prefix="slide-prep") as pool:
         upcoming: list[Future | None] = []
         qc: list[list[Callable[[], None]]] = []  # per slide: its deferred QC rendering
+        expected: dict = {}
 
         def start(i: int) -> None:
             if i < len(refs):
                 qc.append([])
-                upcoming.append(pool.submit(prepare_or_skip, refs[i], opt, out, expected, qc[i].append))
+                if expected:  # the encoder is loaded: an existing bag can be checked and skipped
+                    upcoming.append(pool.submit(prepare_or_skip, refs[i], opt, out, expected, qc[i].append))
+                else:  # the encoder is loading: only a slide without a bag is prepared
+                    upcoming.append(pool.submit(prepare_new, refs[i], opt, out, qc[i].append))
 
-        start(0)
-        for i in range(len(refs)):
-            item = upcoming[i].result()  # type: ignore[union-attr]
-            upcoming[i] = None  # let the prepared slide be freed
-            start(i + 1)
-            while qc[i]:
-                pool.submit(_write_qc, refs[i], qc[i].pop())
-            yield encode_slide(item, encoder, opt, out) if isinstance(item, PreparedSlide) else item
+        if refs and not bag_path(out, refs[0].slide_id).exists():
+            start(0)
+        encoder = load_encoder()
+        expected.update({**encoder.bag_attrs(), "mpp": opt.target_mpp, "tile_px": opt.tile_px})
+        if not upcoming:
+            start(0)
+        with cores_for_readers(encoder.device, opt.workers):
+            for i in range(len(refs)):
+                item = upcoming[i].result()  # type: ignore[union-attr]
+                upcoming[i] = None  # let the prepared slide be freed
+                start(i + 1)
+                if isinstance(item, PreparedSlide):
+                    while qc[i]:
+                        pool.submit(_write_qc, refs[i], qc[i].pop())
+                    yield encode_slide(item, encoder, opt, out)
+                else:
+                    while qc[i]:  # a failed slide's error points to its QC PNG: write it first
+                        _write_qc(refs[i], qc[i].pop())
+                    yield item
 
 
 def _write_qc(ref: SlideRef, write: Callable[[], None]) -> None:
@@ -257,14 +279,19 @@ def run_extract(cfg: DictConfig, shard: tuple[int, int] = (0, 1)) -> Path:
     summary = summary_path(out, shard)
     spec = ENCODERS.get(cfg.encoder.name)
     weights = cfg.encoder.weights if cfg.encoder.weights is not None else spec.default_weights
-    encoder = create_encoder(spec.name, weights, embedding=cfg.encoder.embedding,
-                             device=cfg.encoder.device, precision=cfg.encoder.precision)
-    logger.info("shard %d/%d: %d slides -> %s with %r", shard[0], shard[1], len(refs), out, encoder)
+
     results: list[SlideResult] = []
-    write_summary(summary, results)
+
+    def load_encoder() -> TimmEncoder:
+        encoder = create_encoder(spec.name, weights, embedding=cfg.encoder.embedding,
+                                 device=cfg.encoder.device, precision=cfg.encoder.precision)
+        logger.info("shard %d/%d: %d slides -> %s with %r", shard[0], shard[1], len(refs), out, encoder)
+        write_summary(summary, results)  # the first file of the run: a weights error leaves none
+        return encoder
+
     bar = tqdm(total=len(refs), desc=f"slides (shard {shard[0]}/{shard[1]})", unit="slide", disable=None)
-    with bar, cores_for_readers(encoder.device, opt.workers):
-        for result in extract_slides(refs, encoder, opt, out):
+    with bar:
+        for result in extract_slides(refs, load_encoder, opt, out):
             results.append(result)
             write_summary(summary, results)  # kept current, so a killed run still has one
             bar.update()

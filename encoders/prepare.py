@@ -83,7 +83,8 @@ def prepare_slide(ref: SlideRef, opt: ExtractOptions, qc_dir: Path,
     ``defer_qc``: called with the function that renders and writes the QC PNG, to run it later
     (e.g. in a background thread while the tiles are encoded: it is not needed to encode them);
     by default it runs here. Raises :class:`SlideError` (naming the file) for unusable slides
-    and slides without tissue; their QC PNG is always written before the error.
+    and slides without tissue, after their QC PNG is written or handed to ``defer_qc``: the
+    error points to it.
     """
     start = time.perf_counter()
     with closing(open_slide(ref.path)) as slide:
@@ -112,8 +113,8 @@ def prepare_slide(ref: SlideRef, opt: ExtractOptions, qc_dir: Path,
                 render_qc(thumb, tissue.mask, coords, plan.tile_size_level0, (width, height), caption,
                           plan.tile_size_level0_y))
 
-    if len(grid) == 0 or len(coords) == 0 or defer_qc is None:
-        write_qc()  # a failing slide's QC is written before the error that points to it
+    if defer_qc is None:
+        write_qc()
     else:
         defer_qc(write_qc)
     if len(grid) == 0:

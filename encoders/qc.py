@@ -28,7 +28,7 @@ def render_qc(
     thumb = thumbnail.convert("RGB")
     scale = min(1.0, PANEL_PX / max(thumb.size))
     size = (max(1, round(thumb.width * scale)), max(1, round(thumb.height * scale)))
-    left = thumb.resize(size, Image.Resampling.LANCZOS)
+    left = thumb.resize(size, Image.Resampling.BOX)  # area mean: a third of Lanczos's cost, alike at 2:1
     tissue = Image.fromarray(mask.astype(np.uint8) * 255).resize(size, Image.Resampling.NEAREST)
     tint = Image.new("RGB", size, TISSUE_RGB)
     right = Image.composite(Image.blend(left, tint, 0.35), left, tissue)

@@ -140,9 +140,18 @@ def read_region(slide: openslide.OpenSlide, path: Path, location: tuple[int, int
 
 
 def read_thumbnail(slide: openslide.OpenSlide, path: Path, max_px: int) -> Image.Image:
-    """An RGB thumbnail whose longest side is at most ``max_px``."""
+    """An RGB thumbnail whose longest side is at most ``max_px``.
+
+    The pixels of OpenSlide's ``get_thumbnail`` (the finest level at or coarser than needed,
+    Lanczos-reduced), without its alpha compositing of the whole level when the level is
+    opaque, which is nearly always (:func:`to_rgb`). Raises :class:`SlideError` naming the file.
+    """
+    downsample = max(dim / max_px for dim in slide.dimensions)
+    level = slide.get_best_level_for_downsample(downsample)
     try:
-        thumb = slide.get_thumbnail((max_px, max_px))
+        region = slide.read_region((0, 0), level, slide.level_dimensions[level])
     except openslide.OpenSlideError as e:
         raise SlideError(f"{path}: cannot read a thumbnail ({type(e).__name__}: {e})") from None
-    return thumb.convert("RGB")
+    thumb = to_rgb(region, background_rgb(slide))
+    thumb.thumbnail((max_px, max_px), Image.Resampling.LANCZOS)
+    return thumb

@@ -169,6 +169,41 @@ def test_loader_workers_give_the_same_bags(three_slides, tmp_path):
     same_bags(tmp_path / "w0", tmp_path / "w2")
 
 
+def test_the_first_slide_is_prepared_while_the_encoder_loads(three_slides, tmp_path, monkeypatch):
+    """Loading Virchow2 takes seconds: the first slide's thumbnail and tissue detection fill them."""
+    import threading
+
+    import encoders.extract as ex
+
+    prepared, load_saw_prepared = threading.Event(), []
+    real_prepare, real_create = ex.prepare_slide, ex.create_encoder
+
+    def prepare_slide(*args, **kwargs):
+        try:
+            return real_prepare(*args, **kwargs)
+        finally:
+            prepared.set()
+
+    def create_encoder(*args, **kwargs):
+        load_saw_prepared.append(prepared.wait(timeout=20))
+        return real_create(*args, **kwargs)
+
+    monkeypatch.setattr(ex, "prepare_slide", prepare_slide)
+    monkeypatch.setattr(ex, "create_encoder", create_encoder)
+    out = tmp_path / "early"
+    rows = summary(run_extract(extract_cfg(three_slides, out)))
+    assert load_saw_prepared == [True]
+    assert {r["status"] for r in rows.values()} == {"done"}
+    monkeypatch.undo()
+    run_extract(extract_cfg(three_slides, tmp_path / "plain"))
+    same_bags(out, tmp_path / "plain")
+    # On a rerun the first bag exists: whether to skip it depends on the encoder, so nothing is prepared early.
+    prepared.clear()
+    monkeypatch.setattr(ex, "prepare_slide", prepare_slide)
+    rows = summary(run_extract(extract_cfg(three_slides, out)))
+    assert {r["status"] for r in rows.values()} == {"skipped"} and not prepared.is_set()
+
+
 def test_config_errors_come_before_any_work(three_slides, tmp_path):
     with pytest.raises(ConfigError, match="features_dir"):
         run_extract(load_config([f"slides.dir={three_slides}"]))

@@ -163,6 +163,30 @@ def test_shards_are_disjoint_and_cover_everything():
         shard_slides(refs, (3, 3))
 
 
+@pytest.mark.parametrize("max_px", [64, 300, 1024])
+def test_thumbnail_has_the_pixels_of_openslides_get_thumbnail(make_slide, max_px):
+    """Our thumbnail skips OpenSlide's alpha compositing of opaque levels; the pixels stay the same."""
+    s = make_slide(size=(1200, 900), levels=3)
+    with open_slide(s.path) as slide:
+        ours, theirs = read_thumbnail(slide, s.path, max_px), slide.get_thumbnail((max_px, max_px))
+    assert ours.mode == "RGB" and ours.size == theirs.size
+    assert np.array_equal(np.asarray(ours), np.asarray(theirs.convert("RGB")))
+
+
+def test_thumbnail_of_a_partly_transparent_slide_lies_on_the_background():
+    import openslide
+    from PIL import Image
+
+    rgba = np.zeros((300, 400, 4), np.uint8)
+    rgba[..., :3] = (180, 60, 140)
+    rgba[:, :150, 3] = 255  # the rest is outside the scan
+    rgba[100:120, :, 3] = 128  # half transparent
+    slide = openslide.ImageSlide(Image.fromarray(rgba, "RGBA"))
+    ours, theirs = read_thumbnail(slide, Path("x.png"), 200), slide.get_thumbnail((200, 200))
+    assert np.array_equal(np.asarray(ours), np.asarray(theirs.convert("RGB")))
+    assert tuple(np.asarray(ours)[5, -1]) == (255, 255, 255)
+
+
 # ---------------------------------------------------------------- the real files in ../shared
 @pytest.mark.parametrize("target", [0.5, 1.0])
 def test_cmu_slide_tiles_at_exact_spacing_on_tissue(shared_slides, target):
