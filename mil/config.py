@@ -106,7 +106,7 @@ class TrainConfig:
     refit: bool = False
     standardize: bool = False  # z-score each feature with training-fold statistics (low-dim features)
     class_weighted: bool = True  # weight each bag's loss by inverse class frequency
-    aux_loss_weight: float | None = None  # weight of a model's auxiliary loss (CLAM, DSMIL); None: the paper's
+    aux_loss_weight: float | None = None  # weight of a model's auxiliary loss (CLAM, DSMIL); None: the model's own
     precision: str = "32-true"  # Lightning precision: "32-true", "bf16-mixed", "16-mixed"
     num_workers: int = 0
     seed: int = 0
