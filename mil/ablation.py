@@ -27,15 +27,14 @@ import numpy as np
 import pandas as pd
 import torch
 from omegaconf import DictConfig
-from scipy import stats
 
 from mil.cohort import Cohort
-from mil.covariates import encode_split, encoder_path, fit_fold
+from mil.covariates import encode_split, fit_fold
 from mil.crossval import fold_frame, id_columns, is_main_process
+from mil.fitting import MODEL_FILE, save_model
 from mil.fusion import fit_covariates_only
-from mil.inference import save_weights
 from mil.io import atomic_path, write_json, write_text
-from mil.metrics import concordance_index, regression_metrics
+from mil.metrics import binary_auroc, concordance_index, regression_metrics
 from mil.report import pool_repeats, write_report
 from mil.splits import Fold
 from mil.tasks import Task
@@ -90,23 +89,12 @@ def run_ablation_fold(
     model = fit_covariates_only(task, x_train, task.encode(train_bags), cfg.train.weight_decay)
     if task.calibrates:  # e.g. survival: centre the risk on the training patients' median
         task.calibrate(model, covariate_outputs(model, x_train))
-    save_weights(model, arm_dir / "model.safetensors")
-    covs.encoder.save(encoder_path(arm_dir / "model.safetensors"))
+    save_model(arm_dir / MODEL_FILE, model, covs.encoder)
     outputs = covariate_outputs(model, torch.from_numpy(x_test))
     _write_csv(fold_frame(cfg, task, fold, test_bags, task.predictions(outputs)), arm_dir / "predictions.csv")
 
 
 # ---------------------------------------------------------------- the comparison
-def auroc(y: np.ndarray, score: np.ndarray) -> float:
-    """Binary AUROC as the Mann-Whitney U statistic (ties count 1/2); NaN with a single class."""
-    y = np.asarray(y).astype(bool)
-    n_pos, n_neg = int(y.sum()), int((~y).sum())
-    if not n_pos or not n_neg:
-        return math.nan
-    ranks = stats.rankdata(score)
-    return float((ranks[y].sum() - n_pos * (n_pos + 1) / 2) / (n_pos * n_neg))
-
-
 Arrays = tuple[np.ndarray, ...]
 
 
@@ -140,9 +128,9 @@ def primary_metric(task: Task) -> tuple[str, Callable[[pd.DataFrame], Arrays], C
             keep = y >= 0
             y, probs = y[keep], probs[keep]
             if probs.shape[1] == 2:
-                values.append(auroc(y == 1, probs[:, 1]))
+                values.append(binary_auroc(y == 1, probs[:, 1]))
             else:
-                per_class = [auroc(y == k, probs[:, k]) for k in np.unique(y)]
+                per_class = [binary_auroc(y == k, probs[:, k]) for k in np.unique(y)]
                 values.append(float(np.nanmean(per_class)) if len(per_class) > 1 else math.nan)
         finite = [v for v in values if np.isfinite(v)]
         return float(np.mean(finite)) if finite else math.nan

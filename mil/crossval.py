@@ -31,9 +31,9 @@ from mil import __version__
 from mil.bags import read_bag_info
 from mil.cohort import Bag, Cohort, load_cohort
 from mil.config import ConfigError, flat_config, load_config, require, save_config, usable_cores
-from mil.covariates import CovariateEncoder, configured, encode_split, encoder_path, read_covariates
+from mil.covariates import CovariateEncoder, encode_split, read_covariates
 from mil.ensemble import choose_on_inner_folds, help_running_fold, inner_ensemble, inner_parts
-from mil.fitting import FoldModel, fit_model, load_model, model_files
+from mil.fitting import FoldModel, fit_model, load_model, model_files, saved_encoder
 from mil.inference import resolve_device
 from mil.io import atomic_path, write_json, write_text
 from mil.jobs import (
@@ -617,7 +617,7 @@ def load_run_model(run_dir: str | Path, weights: str | Path) -> torch.nn.Module:
     cfg = load_config(base=OmegaConf.load(run_dir / "config.yaml"))
     meta = OmegaConf.load(run_dir / "run.yaml")
     task = task_from_meta(meta, cfg)
-    encoder = CovariateEncoder.load(encoder_path(weights)) if configured(cfg.cohort) else None
+    encoder = saved_encoder(cfg, weights)
     model = load_model(cfg, task, int(meta.in_dim), weights, encoder)
     model.covariate_encoder = encoder
     return model

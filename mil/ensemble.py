@@ -28,9 +28,9 @@ from omegaconf import DictConfig
 
 from mil.cohort import Bag, Cohort
 from mil.config import flat_config
-from mil.covariates import CovariateEncoder, configured, encode_split, encoder_path
-from mil.fitting import MODEL_FILE, FoldModel, fit_model, load_model
-from mil.inference import predict_outputs, resolve_device, save_weights
+from mil.covariates import CovariateEncoder, encode_split
+from mil.fitting import MODEL_FILE, FoldModel, fit_model, load_model, save_model, saved_encoder
+from mil.inference import predict_outputs, resolve_device
 from mil.io import write_json
 from mil.jobs import DONE_FILE, MEMBER_FILE, RESULT_FREE_KEYS, exclusive, is_running
 from mil.provenance import record_changes, split_record
@@ -250,12 +250,10 @@ def _member(
             summary = _saved_member(folder, record)
             if summary is not None:
                 logger.info("%s: finished by another process or an earlier run, as it would be now; loaded", name)
-                encoder = CovariateEncoder.load(encoder_path(folder / MODEL_FILE)) if configured(cfg.cohort) else None
+                encoder = saved_encoder(cfg, folder / MODEL_FILE)
                 return load_model(cfg, task, cohort.dim, folder / MODEL_FILE, encoder), summary, encoder
         model, summary, encoder = fit_model(cfg, cohort, task, *parts[j], folder, s, name)
-        if encoder is not None:
-            encoder.save(encoder_path(folder / MODEL_FILE))
-        save_weights(model, folder / MODEL_FILE)
+        save_model(folder / MODEL_FILE, model, encoder)
         write_json(folder / MEMBER_FILE, {"record": record, "summary": summary})  # last: marks it finished
         return None if helping is not None else (model, summary, encoder)
 

@@ -73,11 +73,7 @@ class FoldModel:
         (``model.safetensors``, or ``inner_<j>/model.safetensors`` for several), for ``summary.json`` → ``models``."""
         names = [MODEL_FILE] if len(self.models) == 1 else [f"inner_{j}/{MODEL_FILE}" for j in range(len(self.models))]
         for name, model, encoder in zip(names, self.models, self.encoders, strict=True):
-            path = folder / name
-            path.parent.mkdir(parents=True, exist_ok=True)
-            if encoder is not None:
-                encoder.save(encoder_path(path))
-            save_weights(model, path)
+            save_model(folder / name, model, encoder)
         return names
 
     def covariates(self, cohort: Cohort, bags: list[Bag], what: str) -> tuple[list[np.ndarray | None], list[Any]]:
@@ -127,6 +123,19 @@ def fit_model(
     if covs:
         summary["covariates_imputed"] = covs.imputed
     return model, summary, covs.encoder if covs else None
+
+
+def save_model(path: Path, model: torch.nn.Module, encoder: CovariateEncoder | None = None) -> None:
+    """Write ``model``'s weights to ``path`` (safetensors) and its covariate encoder beside them (when given)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    if encoder is not None:
+        encoder.save(encoder_path(path))
+    save_weights(model, path)
+
+
+def saved_encoder(cfg: DictConfig, weights: str | Path) -> CovariateEncoder | None:
+    """The covariate encoder saved beside ``weights`` (:func:`save_model`) when ``cfg`` uses covariates; else None."""
+    return CovariateEncoder.load(encoder_path(weights)) if configured(cfg.cohort) else None
 
 
 def load_model(cfg: DictConfig, task: Task, in_dim: int, weights: str | Path, encoder: CovariateEncoder | None = None

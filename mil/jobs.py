@@ -262,8 +262,8 @@ def run_status(run_dir: str | os.PathLike) -> RunStatus:
     """The state of every fold of a ``mil crossval`` run folder.
 
     A fold is *finished* when its ``predictions.csv`` exists, *running* while a process holds
-    its lock (the detail counts its finished inner models, ``cv.inner_folds``), *failed* when its last attempt left ``failed.txt`` (the detail is the error's last
-    line), *interrupted* when it was started but no process holds it (killed: out of memory,
+    its lock (the detail counts its finished inner models, ``cv.inner_folds``), *failed* when its
+    last attempt left ``failed.txt`` (the detail is the error's last line), *interrupted* when it was started but no process holds it (killed: out of memory,
     time limit), else *not started*. Raises ``FileNotFoundError`` when ``splits.yaml`` is absent.
     """
     out = Path(run_dir)
