@@ -187,6 +187,25 @@ def test_thumbnail_of_a_partly_transparent_slide_lies_on_the_background():
     assert tuple(np.asarray(ours)[5, -1]) == (255, 255, 255)
 
 
+
+@pytest.mark.parametrize("alpha_at", [None, (0, 0), (223, 224), (100, 57)])
+def test_a_tile_with_one_transparent_pixel_is_composited_on_the_background(alpha_at):
+    from PIL import Image
+
+    from encoders.slides import is_opaque, to_rgb
+
+    rgba = np.full((224, 225, 4), (180, 60, 140, 255), np.uint8)
+    if alpha_at is not None:
+        rgba[alpha_at][3] = 0  # one pixel outside the scan
+    region = Image.fromarray(rgba, "RGBA")
+    assert is_opaque(region) is (alpha_at is None)
+    out = np.asarray(to_rgb(region, (10, 20, 30)))
+    expected = rgba[..., :3].copy()
+    if alpha_at is not None:
+        expected[alpha_at] = (10, 20, 30)
+    assert np.array_equal(out, expected)
+    assert is_opaque(region.convert("RGB"))
+
 # ---------------------------------------------------------------- the real files in ../shared
 @pytest.mark.parametrize("target", [0.5, 1.0])
 def test_cmu_slide_tiles_at_exact_spacing_on_tissue(shared_slides, target):
