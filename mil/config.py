@@ -11,7 +11,7 @@ import difflib
 import logging
 import os
 import re
-from collections.abc import Iterable, Sequence
+from collections.abc import Collection, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field, is_dataclass
 from pathlib import Path
 from typing import Any
@@ -411,6 +411,16 @@ def flat_config(cfg: DictConfig) -> dict[str, Any]:
 
     walk(OmegaConf.to_container(cfg, resolve=True), "")
     return flat
+
+
+
+def config_changes(before: Mapping[str, Any], now: Mapping[str, Any], ignore: Collection[str] = ()) -> list[str]:
+    """``"key: old -> new"`` for each key of two :func:`flat_config` dicts whose values differ, sorted by key.
+
+    A key missing on one side shows as None there; keys in ``ignore`` are left out.
+    """
+    keys = sorted(k for k in before.keys() | now.keys() if k not in ignore and before.get(k) != now.get(k))
+    return [f"{k}: {before.get(k)!r} -> {now.get(k)!r}" for k in keys]
 
 
 def to_yaml(cfg: DictConfig) -> str:

@@ -30,7 +30,15 @@ from omegaconf import DictConfig, OmegaConf
 from mil import __version__
 from mil.bags import read_bag_info
 from mil.cohort import Bag, Cohort, load_cohort
-from mil.config import ConfigError, flat_config, load_config, require, save_config, usable_cores
+from mil.config import (
+    ConfigError,
+    config_changes,
+    flat_config,
+    load_config,
+    require,
+    save_config,
+    usable_cores,
+)
 from mil.covariates import CovariateEncoder, encode_split, read_covariates
 from mil.ensemble import choose_on_inner_folds, help_running_fold, inner_ensemble, inner_parts
 from mil.fitting import FoldModel, fit_model, load_model, model_files, saved_encoder
@@ -92,9 +100,9 @@ def _check_resumable(cfg: DictConfig, out: Path) -> None:
         logger.info("%s holds no finished folds or models: starting it again with this config", out)
         return
     saved, now = flat_config(load_config(base=OmegaConf.load(saved_path))), flat_config(cfg)
-    diff = {k for k in saved.keys() | now.keys() if saved.get(k) != now.get(k)} - RESULT_FREE_KEYS
+    diff = config_changes(saved, now, ignore=RESULT_FREE_KEYS)
     if diff:
-        details = ", ".join(f"{k}: {saved.get(k)!r} -> {now.get(k)!r}" for k in sorted(diff)[:5])
+        details = ", ".join(diff[:5])
         raise ConfigError(
             f"output_dir {out} holds a run with a different config ({details}); "
             "use a new output_dir, or delete the old run to start over"

@@ -27,7 +27,7 @@ import torch
 from omegaconf import DictConfig
 
 from mil.cohort import Bag, Cohort
-from mil.config import flat_config
+from mil.config import config_changes, flat_config
 from mil.covariates import CovariateEncoder, encode_split
 from mil.fitting import MODEL_FILE, FoldModel, fit_model, load_model, save_model, saved_encoder
 from mil.inference import predict_outputs, resolve_device
@@ -208,12 +208,9 @@ def _saved_member(folder: Path, record: dict[str, Any]) -> dict[str, Any] | None
         return None
     before = saved.get("record") or {}
     changes = record_changes(before or None, record)
-    config_before = before.get("config") or {}
-    keys = sorted(k for k in config_before.keys() | record["config"].keys()
-                  if config_before.get(k) != record["config"].get(k))
-    if keys:
-        changes.append("config " + ", ".join(f"{k}: {config_before.get(k)!r} -> {record['config'].get(k)!r}"
-                                              for k in keys[:5]))
+    config = config_changes(before.get("config") or {}, record["config"])
+    if config:
+        changes.append("config " + ", ".join(config[:5]))
     if before.get("seed") != record["seed"]:
         changes.append("another seed")
     if changes:

@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 from omegaconf import OmegaConf
 
-from mil.config import ConfigError, load_config, require
+from mil.config import ConfigError, config_changes, flat_config, load_config, require
 
 CONFIGS = sorted((Path(__file__).resolve().parents[1] / "configs").rglob("*.yaml"))
 
@@ -65,3 +65,14 @@ def test_model_args_are_free_form():
 def test_require_lists_all_missing():
     with pytest.raises(ConfigError, match="cohort.slide_csv, cohort.target"):
         require(load_config([]), ["cohort.slide_csv", "cohort.target"], "crossval")
+
+
+def test_config_changes_names_every_changed_added_and_removed_key_and_skips_ignored_ones():
+    before = flat_config(load_config(["train.lr=1e-3", "output_dir=a"]))
+    now = {**flat_config(load_config(["train.lr=5e-4", "output_dir=b", "train.seed=7"])), "new.key": 1}
+    del now["cv.folds"]
+    assert config_changes(before, now, ignore={"output_dir"}) == [
+        f"cv.folds: {before['cv.folds']!r} -> None", "new.key: None -> 1", "train.lr: 0.001 -> 0.0005",
+        f"train.seed: {before['train.seed']!r} -> 7",
+    ]
+    assert config_changes(before, before) == []
