@@ -115,7 +115,7 @@ def inner_ensemble(
         "threshold": threshold,
         "inner_folds": {"k": k, "n_val": [len(v) for _, v in parts], "ensemble": True, "models": summaries},
     }
-    return FoldModel(models, encoders, summary)
+    return FoldModel(models, encoders, summary, saved_in=out_dir)
 
 
 def choose_on_inner_folds(

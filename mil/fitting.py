@@ -67,11 +67,14 @@ class FoldModel:
     models: list[torch.nn.Module]
     encoders: list[CovariateEncoder | None]
     summary: dict[str, Any]
+    saved_in: Path | None = None  # the folder whose inner_<j>/ already hold the models (mil.ensemble writes each as it ends)
 
     def save(self, folder: Path) -> list[str]:
         """Write each model's weights (and covariate encoder) into ``folder``; returns their paths relative to it
         (``model.safetensors``, or ``inner_<j>/model.safetensors`` for several), for ``summary.json`` → ``models``."""
         names = [MODEL_FILE] if len(self.models) == 1 else [f"inner_{j}/{MODEL_FILE}" for j in range(len(self.models))]
+        if len(self.models) > 1 and self.saved_in is not None and Path(self.saved_in).resolve() == Path(folder).resolve():
+            return names  # already there, each beside its member.json: writing them again would change nothing
         for name, model, encoder in zip(names, self.models, self.encoders, strict=True):
             save_model(folder / name, model, encoder)
         return names

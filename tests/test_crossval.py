@@ -226,3 +226,20 @@ def test_every_registered_model_trains(tmp_path, cohort_overrides, fast_override
     model = mil.crossval.load_run_model(out, out / "model.safetensors")
     probs = mil.inference.predict_bags(model, load_cohort(cfg.cohort).bags[:3])
     assert probs.shape == (3, 2) and abs(probs.sum(1) - 1).max() < 1e-5
+
+
+def test_fold_model_saves_inner_models_only_where_the_ensemble_has_not_written_them(tmp_path):
+    import torch
+
+    from mil.fitting import FoldModel
+
+    models = [torch.nn.Linear(3, 2), torch.nn.Linear(3, 2)]
+    ensemble_dir, elsewhere = tmp_path / "fold_0", tmp_path / "copy"
+    trained = FoldModel(models, [None, None], {}, saved_in=ensemble_dir)
+    names = ["inner_0/model.safetensors", "inner_1/model.safetensors"]
+    assert trained.save(ensemble_dir) == names
+    assert not ensemble_dir.exists()  # mil.ensemble wrote them as each ended: not written twice
+    assert trained.save(elsewhere) == names
+    assert all((elsewhere / n).is_file() for n in names)
+    single = FoldModel(models[:1], [None], {}, saved_in=ensemble_dir)
+    assert single.save(ensemble_dir) == ["model.safetensors"] and (ensemble_dir / "model.safetensors").is_file()
