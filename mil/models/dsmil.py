@@ -46,6 +46,12 @@ class DSMIL(nn.Module):
     such a synthetic family and on a dense and an imbalanced one (the numbers are at
     ``aux_loss_weight``).
 
+    Where the witness tiles are few and only subtly different from a common tissue state (2%
+    of tiles, 3 noise-sd away), DSMIL stays at chance while ABMIL learns: the max-instance loss
+    trains the instance classifier through one tile per bag, so it never finds the witnesses,
+    and the critical instance that centres the attention is then a random tile
+    (``benchmarks/dsmil_streams.py``; docs/benchmarks.md, "Why DSMIL stays at chance").
+
     Options: ``hidden_dim`` (embedding width when ``embed_dims`` is None; ``embed_dims=[]``
     uses the features directly as in the original), ``dropout`` (embedding), ``embed_dims``,
     ``q_dim`` (query width, 128), ``nonlinear_q`` (two-layer tanh query network as in the
