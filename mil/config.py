@@ -413,7 +413,6 @@ def flat_config(cfg: DictConfig) -> dict[str, Any]:
     return flat
 
 
-
 def config_changes(before: Mapping[str, Any], now: Mapping[str, Any], ignore: Collection[str] = ()) -> list[str]:
     """``"key: old -> new"`` for each key of two :func:`flat_config` dicts whose values differ, sorted by key.
 
