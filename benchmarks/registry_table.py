@@ -50,10 +50,12 @@ def family_table(family: str, rows: list[dict[str, Any]], learnable: float) -> s
     lines = [f"#### `{family}`: {FAMILIES[family][2]}" if family in FAMILIES else f"#### `{family}`", "",
              "| model | AUROC | − best attention model | wall s | kept epochs (min over folds and inner models) | warnings |",
              "|---|---|---|---|---|---|"]
+    models = [r["model"] for r in rows]
     for r in sorted(rows, key=lambda r: (r["model"] in BASELINES, -r["auroc"])):
         epochs = [e for fold in r["kept_epochs"] for e in (fold if isinstance(fold, list) else [fold])]
         gap = "baseline" if r["model"] in BASELINES else f"{r['auroc'] - best:+.3f}"
-        lines.append(f"| `{r['model']}` | {r['auroc']:.3f} | {gap} | {r['seconds']:.0f} | {min(epochs)} | {r['warnings']} |")
+        name = f"`{r['model']}`" + (f" ({Path(r['work_dir']).name})" if models.count(r["model"]) > 1 else "")
+        lines.append(f"| {name} | {r['auroc']:.3f} | {gap} | {r['seconds']:.0f} | {min(epochs)} | {r['warnings']} |")
     verdict = "learnable" if best >= learnable else f"not learnable by any model here (best {best:.3f} < {learnable})"
     return "\n".join([*lines, "", f"Best attention model {best:.3f}: {verdict}."])
 
