@@ -49,21 +49,15 @@ from mil.models import create_model
 from mil.synthetic import make_synthetic_cohort
 
 
-def witness_masks(family: str, slides: pd.DataFrame, cohort: Path) -> dict[str, np.ndarray]:
-    """Per patient, a boolean [n_tiles] of its planted tiles (slides concatenated in slides.csv order)."""
+def witness_masks(family: str, tiles: dict[str, list[tuple[str, int]]]) -> dict[str, np.ndarray]:
+    """Per patient, a boolean [n_tiles] of its planted tiles; ``tiles``: patient -> [(slide id, n tiles)] in bag order."""
     tmp = tempfile.mkdtemp()
     try:
         planted = make_synthetic_cohort(tmp, seed=sum(map(ord, family)), **FAMILIES[family][0]).positive_tiles
     finally:
         shutil.rmtree(tmp)
-    masks = {}
-    for pid, group in slides.groupby("patient_id"):
-        parts = []
-        for sid in group.slide_id:
-            with h5py.File(cohort / "features" / f"{sid}.h5", "r") as f:
-                parts.append(np.isin(np.arange(f["features"].shape[0]), planted.get(sid, [])))
-        masks[pid] = np.concatenate(parts)
-    return masks
+    return {pid: np.concatenate([np.isin(np.arange(n), planted.get(sid, [])) for sid, n in slides])
+            for pid, slides in tiles.items()}
 
 
 def main() -> None:
@@ -84,15 +78,16 @@ def main() -> None:
     cohort = make_cohort(args.family, args.work_dir)
     clinical = pd.read_csv(cohort / "clinical.csv", dtype=str)
     slides = pd.read_csv(cohort / "slides.csv", dtype=str)
-    bags = {}
+    bags, tiles = {}, {}
     for pid, group in slides.groupby("patient_id"):
         parts = []
         for sid in group.slide_id:
             with h5py.File(cohort / "features" / f"{sid}.h5", "r") as f:
                 parts.append(f["features"][:])
         bags[pid] = torch.from_numpy(np.concatenate(parts).astype(np.float32))
+        tiles[pid] = [(sid, len(x)) for sid, x in zip(group.slide_id, parts, strict=True)]
     label = dict(zip(clinical.patient_id, (clinical.MSI == "MSI-H").astype(int), strict=True))
-    witnesses = witness_masks(args.family, slides, cohort)
+    witnesses = witness_masks(args.family, tiles)
     ids = np.array(sorted(bags))
     y = np.array([label[i] for i in ids])
     C = args.outputs
