@@ -27,6 +27,7 @@ from torchmetrics.aggregation import MeanMetric
 from mil.cohort import Bag
 from mil.data import BagDataset, make_loader
 from mil.losses import AUX_LOSSES
+from mil.models.base import parameter_groups
 from mil.progress import EpochLines, quiet_lightning, show_progress_bar
 from mil.tasks import Task
 
@@ -127,16 +128,18 @@ class MILModule(L.LightningModule):
 
     def configure_optimizers(self) -> Any:
         h = self.hparams
-        params = [p for p in self.model.parameters() if p.requires_grad]
+        # Modules may learn at a multiple of train.lr (an attention network's lr_scale, see its model).
+        groups = [{**g, "lr": h.lr * g["lr_scale"]} for g in parameter_groups(self.model)]
+        params = [p for g in groups for p in g["params"]]
         # One fused kernel per step instead of a loop over parameters: at batch 1 the optimiser
         # step is a sizeable share of a CPU training step.
         fused = {"fused": True} if all(p.device.type in ("cpu", "cuda") and p.is_floating_point() for p in params) else {}
         if h.optimizer == "adamw":
-            opt = torch.optim.AdamW(params, lr=h.lr, weight_decay=h.weight_decay, **fused)
+            opt = torch.optim.AdamW(groups, lr=h.lr, weight_decay=h.weight_decay, **fused)
         elif h.optimizer == "adam":  # L2 penalty in the gradient, as in Ilse et al. 2018
-            opt = torch.optim.Adam(params, lr=h.lr, weight_decay=h.weight_decay, **fused)
+            opt = torch.optim.Adam(groups, lr=h.lr, weight_decay=h.weight_decay, **fused)
         else:
-            opt = torch.optim.SGD(params, lr=h.lr, momentum=h.momentum, weight_decay=h.weight_decay, **fused)
+            opt = torch.optim.SGD(groups, lr=h.lr, momentum=h.momentum, weight_decay=h.weight_decay, **fused)
         if h.scheduler == "none":
             return opt
         total = max(1, int(self.trainer.estimated_stepping_batches))

@@ -39,10 +39,11 @@ class ABMIL(nn.Module):
         attn_dim: int = 128,
         dropout: float = 0.25,
         embed_dims: Sequence[int] | None = None,
+        attn_lr_scale: float = 0.3,
     ) -> None:
         super().__init__()
         self.embed = InstanceEmbedding(in_dim, embed_dims, hidden_dim, dropout)
-        self.pool = AttentionPool(self.embed.out_dim, attn_dim, n_branches=1, gated=self.gated)
+        self.pool = AttentionPool(self.embed.out_dim, attn_dim, n_branches=1, gated=self.gated, lr_scale=attn_lr_scale)
         self.head = nn.Linear(self.embed.out_dim, n_outputs)
         self.n_outputs = n_outputs
         self.embedding_dim = self.embed.out_dim

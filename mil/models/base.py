@@ -55,6 +55,30 @@ def model_train_defaults(name: str) -> dict[str, Any]:
     return dict(MODELS.info(name).get("train_defaults", {}))
 
 
+def parameter_groups(model: nn.Module) -> list[dict[str, Any]]:
+    """The trainable parameters of ``model``, grouped by learning-rate multiplier.
+
+    A submodule declares a multiplier with a float attribute ``lr_scale`` (e.g. the attention
+    network, :class:`mil.models.layers.AttentionPool`); a parameter takes the multiplier of the
+    innermost module that declares one, 1.0 otherwise. Returns optimiser parameter groups
+    ``[{"params": [...], "lr_scale": s}, ...]``, one per multiplier, in first-seen order; the
+    trainer sets each group's ``lr`` to ``train.lr * lr_scale`` (the scheduler scales all alike).
+    The same idea as timm's per-layer learning-rate groups (``timm.optim.param_groups_layer_decay``).
+    """
+    scale_of: dict[int, float] = {}
+    for name, module in sorted(model.named_modules(), key=lambda item: item[0].count(".") if item[0] else -1):
+        scale = getattr(module, "lr_scale", None)
+        if scale is None and name:
+            continue  # inherits the enclosing module's multiplier (deeper modules come later)
+        for param in module.parameters():
+            scale_of[id(param)] = float(scale) if scale is not None else 1.0
+    groups: dict[float, list[nn.Parameter]] = {}
+    for param in model.parameters():
+        if param.requires_grad:
+            groups.setdefault(scale_of.get(id(param), 1.0), []).append(param)
+    return [{"params": params, "lr_scale": scale} for scale, params in groups.items()]
+
+
 def create_model(name: str, in_dim: int, n_outputs: int, **kwargs: Any) -> nn.Module:
     """Build a registered aggregator, e.g. ``create_model("gated_abmil", 2560, 2)``.
 

@@ -48,6 +48,7 @@ class _CLAMBase(nn.Module):
         embed_dims: Sequence[int] | None = None,
         k_sample: int = 8,
         subtyping: bool = False,
+        attn_lr_scale: float = 0.3,
     ) -> None:
         super().__init__()
         if k_sample < 1:
@@ -55,7 +56,8 @@ class _CLAMBase(nn.Module):
         self.embed = InstanceEmbedding(in_dim, embed_dims, hidden_dim, dropout)
         dim = self.embed.out_dim
         n_branches = n_outputs if self.multi_branch else 1
-        self.pool = AttentionPool(dim, attn_dim, n_branches=n_branches, gated=True, dropout=dropout)
+        self.pool = AttentionPool(dim, attn_dim, n_branches=n_branches, gated=True, dropout=dropout,
+                                  lr_scale=attn_lr_scale)
         self.bag_classifier = self.build_bag_classifier(dim, n_outputs)
         self.instance_classifiers = GroupedLinear(n_outputs, dim, 2)
         self.n_outputs = n_outputs

@@ -54,6 +54,10 @@ class AttentionPool(nn.Module):
     plain: ``a_k = w_k^T tanh(V h)``; gated: ``a_k = w_k^T (tanh(V h) * sigmoid(U h))``;
     weights are a masked softmax over tiles. Returns pooled ``[B, K, E]`` and weights
     ``[B, K, N]`` (exactly zero on padding).
+
+    ``lr_scale`` multiplies the learning rate of this module's parameters (read by
+    :func:`mil.models.base.parameter_groups`): below 1 the attention learns more slowly than
+    the tile embedding and the bag head. The models' defaults and why are in their docstrings.
     """
 
     def __init__(
@@ -63,8 +67,12 @@ class AttentionPool(nn.Module):
         n_branches: int = 1,
         gated: bool = False,
         dropout: float = 0.0,
+        lr_scale: float = 1.0,
     ) -> None:
         super().__init__()
+        if not lr_scale > 0:
+            raise ValueError(f"the attention's lr_scale must be > 0, got {lr_scale}")
+        self.lr_scale = float(lr_scale)
         self.tanh_branch = nn.Sequential(nn.Linear(in_dim, attn_dim), nn.Tanh(), nn.Dropout(dropout))
         self.gate = (
             nn.Sequential(nn.Linear(in_dim, attn_dim), nn.Sigmoid(), nn.Dropout(dropout)) if gated else None
