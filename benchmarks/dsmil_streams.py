@@ -32,9 +32,7 @@ import tempfile
 import time
 from pathlib import Path
 
-import h5py
 import numpy as np
-import pandas as pd
 import torch
 from sklearn.metrics import roc_auc_score
 from sklearn.model_selection import StratifiedKFold
@@ -42,7 +40,7 @@ from torch.nn import functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a plain checkout
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from recipe import FAMILIES, make_cohort
+from recipe import FAMILIES, make_cohort, patient_bags
 
 from mil.losses import dsmil_max_instance_loss
 from mil.models import create_model
@@ -75,18 +73,8 @@ def main() -> None:
     torch.manual_seed(0)
     rng = np.random.default_rng(0)
     torch.set_num_threads(1)
-    cohort = make_cohort(args.family, args.work_dir)
-    clinical = pd.read_csv(cohort / "clinical.csv", dtype=str)
-    slides = pd.read_csv(cohort / "slides.csv", dtype=str)
-    bags, tiles = {}, {}
-    for pid, group in slides.groupby("patient_id"):
-        parts = []
-        for sid in group.slide_id:
-            with h5py.File(cohort / "features" / f"{sid}.h5", "r") as f:
-                parts.append(f["features"][:])
-        bags[pid] = torch.from_numpy(np.concatenate(parts).astype(np.float32))
-        tiles[pid] = [(sid, len(x)) for sid, x in zip(group.slide_id, parts, strict=True)]
-    label = dict(zip(clinical.patient_id, (clinical.MSI == "MSI-H").astype(int), strict=True))
+    arrays, label, tiles = patient_bags(make_cohort(args.family, args.work_dir))
+    bags = {pid: torch.from_numpy(x) for pid, x in arrays.items()}
     witnesses = witness_masks(args.family, tiles)
     ids = np.array(sorted(bags))
     y = np.array([label[i] for i in ids])

@@ -99,6 +99,29 @@ def make_cohort(name: str, work: Path, seed_offset: int = 0) -> Path:
     return out
 
 
+def patient_bags(cohort: Path) -> tuple[dict[str, np.ndarray], dict[str, int], dict[str, list[tuple[str, int]]]]:
+    """A family cohort read whole, for the plain training loops of ``benchmarks/``.
+
+    Returns per patient its bag (the tiles of its slides concatenated, [n_tiles, D] float32), its
+    label (1 for MSI-H) and ``[(slide id, n tiles), ...]`` in bag order.
+    """
+    import h5py
+    import pandas as pd
+
+    clinical = pd.read_csv(cohort / "clinical.csv", dtype=str)
+    slides = pd.read_csv(cohort / "slides.csv", dtype=str)
+    bags, tiles = {}, {}
+    for pid, group in slides.groupby("patient_id"):
+        parts = []
+        for sid in group.slide_id:
+            with h5py.File(cohort / "features" / f"{sid}.h5", "r") as f:
+                parts.append(f["features"][:])
+        bags[pid] = np.concatenate(parts).astype(np.float32)
+        tiles[pid] = [(sid, len(x)) for sid, x in zip(group.slide_id, parts, strict=True)]
+    labels = dict(zip(clinical.patient_id, (clinical.MSI == "MSI-H").astype(int), strict=True))
+    return bags, labels, tiles
+
+
 def run(name: str, recipe: str, cohort: Path, work: Path, extra: list[str]) -> dict[str, Any]:
     from mil.config import load_config
     from mil.crossval import run_crossval

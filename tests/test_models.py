@@ -8,6 +8,7 @@ from bag_helpers import pad
 
 from mil.losses import AUX_LOSSES
 from mil.models import MODELS, MILOutput, create_model
+from mil.models.base import parameter_groups
 from mil.models.layers import InstanceEmbedding
 
 D = 16
@@ -323,3 +324,35 @@ def test_pooled_embedding_and_head_contract(name: str, n_outputs: int) -> None:
     torch.testing.assert_close(model.classify(out.embedding), out.logits)
     alone = model(x[2:, :3], None)  # padding does not reach the embedding
     torch.testing.assert_close(alone.embedding, out.embedding[2:], atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_parameter_groups_hold_every_trainable_parameter_once(name: str) -> None:
+    model = make(name)
+    grouped = [id(p) for g in parameter_groups(model) for p in g["params"]]
+    assert len(grouped) == len(set(grouped))
+    assert set(grouped) == {id(p) for p in model.parameters() if p.requires_grad}
+
+
+@pytest.mark.parametrize("name", ["abmil", "gated_abmil", "clam_sb", "clam_mb"])
+def test_the_attention_network_learns_at_its_lr_scale(name: str) -> None:
+    model = make(name, attn_lr_scale=0.25)
+    scale = {id(p): g["lr_scale"] for g in parameter_groups(model) for p in g["params"]}
+    attention = {id(p) for p in model.pool.parameters()}
+    assert attention and all(scale[i] == 0.25 for i in attention)
+    assert all(s == 1.0 for i, s in scale.items() if i not in attention)
+    with pytest.raises(ValueError, match="lr_scale"):
+        make(name, attn_lr_scale=0.0)
+
+
+def test_the_innermost_lr_scale_wins() -> None:
+    inner, outer = torch.nn.Linear(2, 2), torch.nn.Sequential(torch.nn.Linear(2, 2))
+    inner.lr_scale, outer.lr_scale = 2.0, 0.5
+    outer.append(inner)
+    model = torch.nn.Sequential(torch.nn.Linear(2, 2), outer)
+    groups = {g["lr_scale"]: {id(p) for p in g["params"]} for g in parameter_groups(model)}
+    assert groups == {
+        1.0: {id(p) for p in model[0].parameters()},
+        0.5: {id(p) for p in outer[0].parameters()},
+        2.0: {id(p) for p in inner.parameters()},
+    }

@@ -256,3 +256,16 @@ def test_run_folders_from_before_task_types_are_classification():
     assert task.name == "classification" and task.n_outputs == 2 and task.prediction_names == ["prob_MSS", "prob_MSI-H"]
     again = task_from_meta(OmegaConf.create({**OmegaConf.to_container(meta), **task.metadata()}))
     assert again.columns == task.columns
+
+
+@pytest.mark.parametrize("scheduler", ["none", "constant"])
+def test_the_optimiser_gives_each_parameter_group_its_share_of_the_learning_rate(scheduler):
+    task = TASKS.get("classification")(TASK_COLUMNS["classification"])
+    model = create_model("gated_abmil", 8, task.n_outputs, hidden_dim=16, attn_lr_scale=0.3)
+    module = MILModule(model, task, task.make_loss(torch.tensor([0, 1, 2])), lr=1e-3, scheduler=scheduler)
+    module.trainer = type("T", (), {"estimated_stepping_batches": 10})()  # what Lightning sets before this call
+    configured = module.configure_optimizers()
+    opt = configured if scheduler == "none" else configured["optimizer"]
+    lr_of = {id(p): g["initial_lr" if scheduler != "none" else "lr"] for g in opt.param_groups for p in g["params"]}
+    assert [lr_of[id(p)] for p in model.pool.parameters()] == pytest.approx([3e-4] * len(list(model.pool.parameters())))
+    assert [lr_of[id(p)] for p in model.head.parameters()] == pytest.approx([1e-3, 1e-3])

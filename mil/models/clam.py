@@ -29,7 +29,9 @@ class _CLAMBase(nn.Module):
     Options: ``hidden_dim`` (embedding width when ``embed_dims`` is None; CLAM "small" = 512),
     ``attn_dim`` (256), ``dropout`` (0.25, in the embedding and the attention network),
     ``embed_dims``, ``k_sample`` (tiles per side for the instance loss, 8), ``subtyping``
-    (also push other classes' top tiles to negative; use for mutually exclusive subtypes).
+    (also push other classes' top tiles to negative; use for mutually exclusive subtypes),
+    ``attn_lr_scale`` (the attention network learns at this multiple of ``train.lr``; 0.3 as
+    for ABMIL, whose docstring says why; 1.0 is the paper's setting).
     With ``n_outputs=1`` both variants have a single branch and a single instance classifier.
     """
 
