@@ -45,11 +45,11 @@ def planted(tmp_path_factory):
 
 
 def train_briefly(
-    name: str, bags: list[torch.Tensor], labels: torch.Tensor, epochs: int = 3, seed: int = 0
+    name: str, bags: list[torch.Tensor], labels: torch.Tensor, epochs: int = 3, seed: int = 0, **options
 ) -> torch.nn.Module:
     """Batch-1 AdamW with the model's own auxiliary loss and parameter groups, as the trainer combines them."""
     torch.manual_seed(seed)
-    model = create_model(name, bags[0].shape[1], 2, hidden_dim=32)
+    model = create_model(name, bags[0].shape[1], 2, hidden_dim=32, **options)
     lr = 1e-3
     groups = [{**g, "lr": lr * g["lr_scale"]} for g in parameter_groups(model)]
     opt = torch.optim.AdamW(groups, lr=lr, weight_decay=1e-2)
@@ -85,11 +85,11 @@ def held_out_auroc(model: torch.nn.Module, bags: list[torch.Tensor], labels: tor
     return float(binary_auroc(scores, labels))
 
 
-def test_attention_keeps_up_with_mean_pooling_on_a_dense_signal(tmp_path) -> None:
-    """Half of the tiles weakly shifted: the bag mean is the right statistic, so attention must not
-    collapse onto a few tiles. With the attention learning at the embedding's rate (lr_scale 1)
-    gated ABMIL was 0.10 below mean pooling here (0.70 against 0.80 over these two seeds);
-    at its default 0.3 it is 0.01 below (docs/benchmarks.md, "The attention's learning rate")."""
+def test_a_slower_attention_keeps_up_with_mean_pooling_on_a_dense_signal(tmp_path) -> None:
+    """Half of the tiles weakly shifted: the bag mean is the right statistic, and attention that
+    collapses onto a few tiles loses to it. ``attn_lr_scale=0.3`` is the documented remedy: over
+    these two seeds gated ABMIL was 0.01 below mean pooling with it (0.79 against 0.80) and 0.10
+    below at the default 1.0 (docs/benchmarks.md, "The attention's learning rate")."""
     from mil.synthetic import make_synthetic_cohort
 
     cohort = make_synthetic_cohort(
@@ -97,6 +97,10 @@ def test_attention_keeps_up_with_mean_pooling_on_a_dense_signal(tmp_path) -> Non
         strength=0.7, nuisance=0.2, tissue_states=4, positive_fraction=0.5, seed=5,
     )
     train_bags, train_y, test_bags, test_y = split_cohort(cohort, 96)
-    auroc = {name: np.mean([held_out_auroc(train_briefly(name, train_bags, train_y, epochs=15, seed=seed), test_bags, test_y)
-                            for seed in (0, 1)]) for name in ("gated_abmil", "mean_pool")}
-    assert auroc["gated_abmil"] >= auroc["mean_pool"] - 0.05, auroc
+
+    def auroc(name: str, **options) -> float:
+        return float(np.mean([held_out_auroc(train_briefly(name, train_bags, train_y, 15, seed, **options), test_bags, test_y)
+                              for seed in (0, 1)]))
+
+    mean_pool, slow, full = auroc("mean_pool"), auroc("gated_abmil", attn_lr_scale=0.3), auroc("gated_abmil")
+    assert slow >= mean_pool - 0.05 and full < slow, (mean_pool, slow, full)

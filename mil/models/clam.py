@@ -30,8 +30,8 @@ class _CLAMBase(nn.Module):
     ``attn_dim`` (256), ``dropout`` (0.25, in the embedding and the attention network),
     ``embed_dims``, ``k_sample`` (tiles per side for the instance loss, 8), ``subtyping``
     (also push other classes' top tiles to negative; use for mutually exclusive subtypes),
-    ``attn_lr_scale`` (the attention network learns at this multiple of ``train.lr``; 0.3 as
-    for ABMIL, whose docstring says why; 1.0 is the paper's setting).
+    ``attn_lr_scale`` (the attention network learns at this multiple of ``train.lr``; 1.0, the
+    paper's setting; below 1 for diffuse signals, see ABMIL's docstring).
     With ``n_outputs=1`` both variants have a single branch and a single instance classifier.
     """
 
@@ -50,7 +50,7 @@ class _CLAMBase(nn.Module):
         embed_dims: Sequence[int] | None = None,
         k_sample: int = 8,
         subtyping: bool = False,
-        attn_lr_scale: float = 0.3,
+        attn_lr_scale: float = 1.0,
     ) -> None:
         super().__init__()
         if k_sample < 1:
