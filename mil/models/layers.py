@@ -71,7 +71,7 @@ class AttentionPool(nn.Module):
     ) -> None:
         super().__init__()
         if not lr_scale > 0:
-            raise ValueError(f"the attention's lr_scale must be > 0, got {lr_scale}")
+            raise ValueError(f"the attention's lr_scale (model.args.attn_lr_scale) must be > 0, got {lr_scale}")
         self.lr_scale = float(lr_scale)
         self.tanh_branch = nn.Sequential(nn.Linear(in_dim, attn_dim), nn.Tanh(), nn.Dropout(dropout))
         self.gate = (
