@@ -33,10 +33,9 @@ from torch.nn import functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a plain checkout
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from recipe import FAMILIES, make_cohort, patient_bags
+from recipe import FAMILIES, make_cohort, patient_bags, plain_optimizer, sample_tiles
 
 from mil.models import create_model
-from mil.models.base import parameter_groups
 from mil.synthetic import make_synthetic_cohort
 
 # Dense-signal cohorts beside recipe.py's dense_100 (which was held out of the choice).
@@ -85,14 +84,11 @@ def main() -> None:
     start = time.perf_counter()
     for train, test in StratifiedKFold(5, shuffle=True, random_state=0).split(ids, y):
         model = create_model(args.model, in_dim=bags[ids[0]].shape[1], n_outputs=2, **json.loads(args.model_args))
-        groups = [{**g, "lr": args.lr * g["lr_scale"]} for g in parameter_groups(model)]
-        opt = torch.optim.AdamW(groups, lr=args.lr, weight_decay=1e-2)
+        opt = plain_optimizer(model, args.lr)
         for epoch in range(args.epochs):
             model.train()
             for pid in rng.permutation(ids[train]):
-                x = bags[pid]
-                if len(x) > 512:
-                    x = x[torch.from_numpy(rng.choice(len(x), 512, replace=False))]
+                x = sample_tiles(bags[pid], rng)
                 loss = F.cross_entropy(model(x[None]).logits, torch.tensor([label[pid]]))
                 opt.zero_grad()
                 loss.backward()

@@ -40,7 +40,7 @@ from torch.nn import functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a plain checkout
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from recipe import FAMILIES, make_cohort, patient_bags
+from recipe import FAMILIES, make_cohort, patient_bags, plain_optimizer, sample_tiles
 
 from mil.losses import dsmil_max_instance_loss
 from mil.models import create_model
@@ -88,13 +88,11 @@ def main() -> None:
     start = time.perf_counter()
     for train, test in StratifiedKFold(5, shuffle=True, random_state=0).split(ids, y):
         model = create_model(args.model, in_dim=bags[ids[0]].shape[1], n_outputs=C, **json.loads(args.model_args))
-        opt = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=1e-2)
+        opt = plain_optimizer(model, args.lr)
         for _ in range(args.epochs):
             model.train()
             for pid in rng.permutation(ids[train]):
-                x = bags[pid]
-                if len(x) > 512:
-                    x = x[torch.from_numpy(rng.choice(len(x), 512, replace=False))]
+                x = sample_tiles(bags[pid], rng)
                 out, target = model(x[None]), torch.tensor([label[pid]])
                 loss = (F.cross_entropy(out.logits, target) if C == 2
                         else F.binary_cross_entropy_with_logits(out.logits[:, 0], target.float()))

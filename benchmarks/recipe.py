@@ -122,6 +122,22 @@ def patient_bags(cohort: Path) -> tuple[dict[str, np.ndarray], dict[str, int], d
     return bags, labels, tiles
 
 
+def plain_optimizer(model: Any, lr: float) -> Any:
+    """AdamW (weight decay 1e-2) with the trainer's parameter groups (each module's ``lr_scale``), for the plain loops."""
+    import torch
+
+    from mil.models.base import parameter_groups
+
+    return torch.optim.AdamW([{**g, "lr": lr * g["lr_scale"]} for g in parameter_groups(model)], lr=lr, weight_decay=1e-2)
+
+
+def sample_tiles(bag: Any, rng: np.random.Generator, n: int = 512) -> Any:
+    """``n`` tiles of a bag tensor [N, D] drawn without replacement (all of them when N <= n), as in training."""
+    import torch
+
+    return bag[torch.from_numpy(rng.choice(len(bag), n, replace=False))] if len(bag) > n else bag
+
+
 def run(name: str, recipe: str, cohort: Path, work: Path, extra: list[str]) -> dict[str, Any]:
     from mil.config import load_config
     from mil.crossval import run_crossval
