@@ -138,11 +138,16 @@ def sample_tiles(bag: Any, rng: np.random.Generator, n: int = 512) -> Any:
     return bag[torch.from_numpy(rng.choice(len(bag), n, replace=False))] if len(bag) > n else bag
 
 
+def run_dir(work: Path, name: str, recipe: str) -> Path:
+    """Where the cross-validation of one family under one recipe writes (``config.yaml``, folds, metrics)."""
+    return work / "runs" / name / recipe.replace(":", "_").replace("=", "")
+
+
 def run(name: str, recipe: str, cohort: Path, work: Path, extra: list[str]) -> dict[str, Any]:
     from mil.config import load_config
     from mil.crossval import run_crossval
 
-    out = work / "runs" / name / recipe.replace(":", "_").replace("=", "")
+    out = run_dir(work, name, recipe)
     overrides = [
         f"cohort.clinical_csv={cohort / 'clinical.csv'}", f"cohort.slide_csv={cohort / 'slides.csv'}",
         f"cohort.features_dir={cohort / 'features'}", "cohort.target=MSI", "cohort.classes=[MSS,MSI-H]",

@@ -23,7 +23,7 @@ from typing import Any
 import yaml
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from recipe import FAMILIES
+from recipe import FAMILIES, run_dir
 
 BASELINES = {"mean_pool", "max_pool"}
 
@@ -38,7 +38,7 @@ def load_rows(work_dirs: list[Path], recipe: str) -> list[dict[str, Any]]:
         for row in json.loads(path.read_text()):
             if row["recipe"] != recipe:
                 continue
-            config = work / "runs" / row["family"] / recipe.replace(":", "_").replace("=", "") / "config.yaml"
+            config = run_dir(work, row["family"], recipe) / "config.yaml"
             model = yaml.safe_load(config.read_text())["model"]["name"] if config.is_file() else work.name
             rows.append({**row, "model": model, "work_dir": str(work)})
     return rows
