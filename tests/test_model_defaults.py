@@ -50,6 +50,13 @@ def test_dsmil_trains_with_its_own_lr_unless_the_user_sets_one(tmp_path, caplog)
     assert load_config(base=saved).train.lr == 5e-5
 
 
+def test_transmil_trains_at_its_reference_learning_rate() -> None:
+    # Shao et al.'s configuration (Camelyon/TransMIL.yaml): lr 2e-4; the toolkit's 5e-4 overfit small cohorts.
+    assert model_train_defaults("transmil") == {"lr": 2e-4}
+    assert load_config(["model.name=transmil"]).train.lr == 2e-4
+    assert load_config(["model.name=transmil", "train.lr=1e-3"]).train.lr == 1e-3
+
+
 def test_a_bad_model_default_names_the_model(monkeypatch) -> None:
     monkeypatch.setitem(MODELS._info, "abmil", {"train_defaults": {"lrr": 1e-3}})
     with pytest.raises(ConfigError, match=r"train_defaults of model 'abmil'.*train.lrr.*did you mean 'train.lr'"):

@@ -93,9 +93,17 @@ class PPEG(nn.Module):
         return torch.cat([cls_token, grid.permute(0, 2, 3, 1).reshape(B, side * side, E)], dim=1)
 
 
-@MODELS.register("transmil")
+# Training default (see mil.models.base.model_train_defaults): the reference implementation's
+# learning rate, 2e-4 (Shao et al.'s Camelyon/TransMIL.yaml; they pair it with Lookahead-RAdam).
+# At the toolkit's 5e-4 its 2.2 M parameters (at 512 wide) fit 16-50 training patients within
+# a few epochs, and the recipe suite's small sparse families lost 0.13-0.17 AUROC against ABMIL
+# (docs/benchmarks.md, "TransMIL at its paper's learning rate").
+@MODELS.register("transmil", train_defaults={"lr": 2e-4})
 class TransMIL(nn.Module):
     """TransMIL with exact attention; see the module docstring for the choices made.
+
+    Trains with ``train.lr=2e-4`` unless the config sets ``train.lr`` (its registry entry's
+    ``train_defaults``; the reason is in the comment above the class).
 
     Options: ``hidden_dim`` (token width when ``embed_dims`` is None, 512), ``n_heads`` (8;
     must divide the width), ``dropout`` (after each attention output projection, 0.1),
