@@ -9,7 +9,7 @@ from bag_helpers import pad
 from mil.losses import AUX_LOSSES
 from mil.models import MODELS, MILOutput, create_model
 from mil.models.base import parameter_groups
-from mil.models.layers import InstanceEmbedding
+from mil.models.layers import InstanceEmbedding, stochastic_top_k_mask
 
 D = 16
 NAMES = MODELS.names()
@@ -356,3 +356,41 @@ def test_the_innermost_lr_scale_wins() -> None:
         0.5: {id(p) for p in outer[0].parameters()},
         2.0: {id(p) for p in inner.parameters()},
     }
+
+
+def test_stochastic_top_k_mask_hides_a_fraction_of_each_rows_top_tiles() -> None:
+    torch.manual_seed(0)
+    n_valid = torch.tensor([20, 5, 1, 12])
+    scores = torch.randn(4, 2, 20)  # [B, K, N]
+    valid = (torch.arange(20) < n_valid[:, None])[:, None, :].expand(4, 2, 20)
+    kept = stochastic_top_k_mask(scores, valid, k=10, fraction=0.6)
+    hidden = valid & ~kept
+    assert not (kept & ~valid).any()  # padding stays masked
+    for b, n in enumerate(n_valid.tolist()):
+        k = min(10, n)
+        for row in range(2):
+            top = scores[b, row, :n].topk(k).indices
+            assert hidden[b, row].sum() == int(k * 0.6)  # 6, 3, 0, 6
+            assert set(hidden[b, row].nonzero().flatten().tolist()) <= set(top.tolist())
+    assert kept.sum(-1).min() >= 1
+    torch.manual_seed(0)
+    torch.randn(4, 2, 20)
+    assert torch.equal(stochastic_top_k_mask(scores, valid, k=10, fraction=0.6), kept)  # the seed fixes the draw
+    assert not torch.equal(stochastic_top_k_mask(scores, valid, k=10, fraction=0.6), kept)  # and it changes per step
+
+
+@pytest.mark.parametrize("name", ["abmil", "gated_abmil"])
+def test_attention_masking_applies_in_training_only(name: str) -> None:
+    torch.manual_seed(0)
+    masked, plain = make(name, attn_mask_top_k=4), make(name)
+    plain.load_state_dict(masked.state_dict())
+    x, mask = pad([torch.randn(n, D) for n in (9, 3)])
+    masked.eval(), plain.eval()
+    torch.testing.assert_close(masked(x, mask).logits, plain(x, mask).logits)
+    masked.train()
+    attention = masked(x, mask).attention  # [B, N]
+    assert ((attention == 0) & mask).sum(-1).tolist() == [2, 1]  # floor(4 * 0.6), floor(3 * 0.6)
+    with pytest.raises(ValueError, match="attn_mask_top_k"):
+        make(name, attn_mask_top_k=-1)
+    with pytest.raises(ValueError, match="attn_mask_fraction"):
+        make(name, attn_mask_top_k=10, attn_mask_fraction=1.0)

@@ -58,6 +58,11 @@ class AttentionPool(nn.Module):
     ``lr_scale`` multiplies the learning rate of this module's parameters (read by
     :func:`mil.models.base.parameter_groups`): below 1 the attention learns more slowly than
     the tile embedding and the bag head. The models' defaults and why are in their docstrings.
+
+    ``mask_top_k`` > 0 turns on stochastic top-k instance masking in training (see
+    :func:`stochastic_top_k_mask`; Zhang et al., ACMIL, ECCV 2024): each step hides
+    ``mask_fraction`` of the ``mask_top_k`` highest-scoring tiles of each bag and branch, so the
+    pooled vector cannot rest on a handful of tiles. Evaluation always sees every tile.
     """
 
     def __init__(
@@ -68,11 +73,19 @@ class AttentionPool(nn.Module):
         gated: bool = False,
         dropout: float = 0.0,
         lr_scale: float = 1.0,
+        mask_top_k: int = 0,
+        mask_fraction: float = 0.6,
     ) -> None:
         super().__init__()
         if not lr_scale > 0:
             raise ValueError(f"the attention's lr_scale (model.args.attn_lr_scale) must be > 0, got {lr_scale}")
+        if int(mask_top_k) != mask_top_k or mask_top_k < 0:
+            raise ValueError(f"model.args.attn_mask_top_k must be a whole number >= 0 (0: off), got {mask_top_k}")
+        if not 0.0 <= mask_fraction < 1.0:
+            raise ValueError(f"model.args.attn_mask_fraction must be in [0, 1), got {mask_fraction}")
         self.lr_scale = float(lr_scale)
+        self.mask_top_k = int(mask_top_k)
+        self.mask_fraction = float(mask_fraction)
         self.tanh_branch = nn.Sequential(nn.Linear(in_dim, attn_dim), nn.Tanh(), nn.Dropout(dropout))
         self.gate = (
             nn.Sequential(nn.Linear(in_dim, attn_dim), nn.Sigmoid(), nn.Dropout(dropout)) if gated else None
@@ -91,10 +104,40 @@ class AttentionPool(nn.Module):
     def forward(self, h: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         B, N, _ = h.shape
         assert mask.shape == (B, N), f"mask {tuple(mask.shape)} != {(B, N)}"
-        weights = masked_softmax(self.scores(h), mask[:, None, :])  # [B, K, N]
+        scores = self.scores(h)  # [B, K, N]
+        valid = mask[:, None, :].expand_as(scores)  # [B, K, N]
+        if self.training and self.mask_top_k:
+            valid = stochastic_top_k_mask(scores.detach(), valid, self.mask_top_k, self.mask_fraction)
+        weights = masked_softmax(scores, valid)  # [B, K, N]
         pooled = torch.bmm(weights.to(h.dtype), h)  # [B, K, E]
         assert pooled.shape == (B, self.n_branches, h.shape[-1])
         return pooled, weights
+
+
+def stochastic_top_k_mask(scores: torch.Tensor, valid: torch.Tensor, k: int, fraction: float) -> torch.Tensor:
+    """Stochastic top-k instance masking (STKIM; Zhang et al., "Attention-Challenging Multiple
+    Instance Learning", ECCV 2024, whose setting is ``k=10``, ``fraction=0.6``).
+
+    For every row (bag and branch), takes its ``k' = min(k, valid tiles)`` highest-scoring valid
+    tiles and hides ``floor(k' * fraction)`` of them, chosen uniformly at random (``torch.rand``,
+    so the global seed fixes them). At least one valid tile always stays.
+
+    scores: [..., N] attention scores; valid: [..., N] bool, True on tiles the softmax may use.
+    Returns the new bool mask [..., N] (``valid`` with the hidden tiles set to False).
+    """
+    assert scores.shape == valid.shape, f"scores {tuple(scores.shape)} != mask {tuple(valid.shape)}"
+    n = scores.shape[-1]
+    kk = min(k, n)
+    if kk == 0:
+        return valid
+    top = scores.masked_fill(~valid, float("-inf")).topk(kk, dim=-1).indices  # [..., kk], best first
+    k_row = valid.sum(dim=-1, keepdim=True).clamp(max=kk)  # [..., 1]: k' per row
+    n_hide = (k_row * fraction).floor()  # [..., 1], < k' so one tile stays
+    slot = torch.arange(kk, device=scores.device)
+    draw = torch.rand(top.shape, device=scores.device).masked_fill(slot >= k_row, 2.0)  # slots past k' last
+    rank = draw.argsort(dim=-1).argsort(dim=-1)  # [..., kk]: each slot's place in a random order
+    hide = torch.zeros_like(valid).scatter(-1, top, rank < n_hide)  # [..., N]
+    return valid & ~hide
 
 
 class GroupedLinear(nn.Module):
