@@ -128,7 +128,7 @@ def plain_optimizer(model: Any, lr: float) -> Any:
 
     from mil.models.base import parameter_groups
 
-    return torch.optim.AdamW([{**g, "lr": lr * g["lr_scale"]} for g in parameter_groups(model)], lr=lr, weight_decay=1e-2)
+    return torch.optim.AdamW(parameter_groups(model, lr=lr), lr=lr, weight_decay=1e-2)
 
 
 def sample_tiles(bag: Any, rng: np.random.Generator, n: int = 512) -> Any:

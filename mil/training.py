@@ -129,7 +129,7 @@ class MILModule(L.LightningModule):
     def configure_optimizers(self) -> Any:
         h = self.hparams
         # Modules may learn at a multiple of train.lr (an attention network's lr_scale, see its model).
-        groups = [{**g, "lr": h.lr * g["lr_scale"]} for g in parameter_groups(self.model)]
+        groups = parameter_groups(self.model, lr=h.lr)
         params = [p for g in groups for p in g["params"]]
         # One fused kernel per step instead of a loop over parameters: at batch 1 the optimiser
         # step is a sizeable share of a CPU training step.

@@ -51,8 +51,7 @@ def train_briefly(
     torch.manual_seed(seed)
     model = create_model(name, bags[0].shape[1], 2, hidden_dim=32, **options)
     lr = 1e-3
-    groups = [{**g, "lr": lr * g["lr_scale"]} for g in parameter_groups(model)]
-    opt = torch.optim.AdamW(groups, lr=lr, weight_decay=1e-2)
+    opt = torch.optim.AdamW(parameter_groups(model, lr=lr), lr=lr, weight_decay=1e-2)
     aux = AUX_LOSSES.get(model.aux_loss) if getattr(model, "aux_loss", None) else None
     model.train()
     for _ in range(epochs):

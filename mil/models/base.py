@@ -55,14 +55,15 @@ def model_train_defaults(name: str) -> dict[str, Any]:
     return dict(MODELS.info(name).get("train_defaults", {}))
 
 
-def parameter_groups(model: nn.Module) -> list[dict[str, Any]]:
+def parameter_groups(model: nn.Module, lr: float | None = None) -> list[dict[str, Any]]:
     """The trainable parameters of ``model``, grouped by learning-rate multiplier.
 
     A submodule declares a multiplier with a float attribute ``lr_scale`` (e.g. the attention
     network, :class:`mil.models.layers.AttentionPool`); a parameter takes the multiplier of the
     innermost module that declares one, 1.0 otherwise. Returns optimiser parameter groups
-    ``[{"params": [...], "lr_scale": s}, ...]``, one per multiplier, in first-seen order; the
-    trainer sets each group's ``lr`` to ``train.lr * lr_scale`` (the scheduler scales all alike).
+    ``[{"params": [...], "lr_scale": s}, ...]``, one per multiplier, in first-seen order; with
+    ``lr`` each group also gets ``"lr": lr * s``, as the trainer uses them with ``train.lr`` (the
+    scheduler scales all groups alike).
     The same idea as timm's per-layer learning-rate groups (``timm.optim.param_groups_layer_decay``).
     """
     scale_of: dict[int, float] = {}
@@ -76,7 +77,11 @@ def parameter_groups(model: nn.Module) -> list[dict[str, Any]]:
     for param in model.parameters():
         if param.requires_grad:
             groups.setdefault(scale_of.get(id(param), 1.0), []).append(param)
-    return [{"params": params, "lr_scale": scale} for scale, params in groups.items()]
+    out = [{"params": params, "lr_scale": scale} for scale, params in groups.items()]
+    if lr is not None:
+        for group in out:
+            group["lr"] = lr * group["lr_scale"]
+    return out
 
 
 def create_model(name: str, in_dim: int, n_outputs: int, **kwargs: Any) -> nn.Module:
