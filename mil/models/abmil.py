@@ -37,7 +37,7 @@ class ABMIL(nn.Module):
     ``attn_mask_top_k`` (0, off) turns on ACMIL's stochastic top-k instance masking in training
     (Zhang et al., ECCV 2024; their setting: 10 tiles, ``attn_mask_fraction`` 0.6 of them hidden
     per step; :func:`mil.models.layers.stochastic_top_k_mask`). With their setting the recipe
-    suite moved by -0.11 to +0.03 AUROC: up on decoys and a dense signal, down on a sparse
+    suite's learnable families moved by -0.11 to +0.03 AUROC: up on decoys and a dense signal, down on a sparse
     near-normal signal and on small sparse cohorts (docs/benchmarks.md, "Stochastic top-k
     instance masking"), so it is an option, not the default.
 
