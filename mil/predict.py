@@ -147,10 +147,28 @@ def check_output_dir(out: Path, run: Run) -> None:
             raise ConfigError(f"output_dir {out} holds another run ({meta.get('kind')} of {meta.get('run')}); {hint}")
 
 
+def patients_seen_in_training(run: Run, cohort: Cohort) -> list[str]:
+    """The cohort's patients whose IDs the run trained or validated a model on (its ``splits.yaml``), sorted.
+
+    A cross-validation's fold ensemble has seen every patient of its cohort: each trained the
+    models of the folds it was not tested in. Metrics over such patients are not an external
+    validation. IDs from another institution can coincide by chance, hence a warning, not an error.
+    """
+    splits = run.path / "splits.yaml"
+    if not splits.is_file():
+        return []
+    seen = {str(p) for fold in OmegaConf.load(splits) for side in ("train", "val") for p in fold.get(side) or []}
+    return sorted({b.patient_id for b in cohort.bags} & seen)
+
+
 def prediction_columns(run: Run, cfg: DictConfig) -> list[LabelColumn]:
     """The label columns named by ``cfg`` (renaming allowed), with the run's class orders."""
     named = task_class(cfg).label_columns(cfg)
     return [replace(c, classes=trained.classes) for c, trained in zip(named, run.task.columns, strict=True)]
+
+
+def _examples(ids: list[str], n: int = 5) -> str:
+    return ", ".join(ids[:n]) + (f", ... ({len(ids) - n} more)" if len(ids) > n else "")
 
 
 def run_predict(run_dir: str | Path, overrides: list[str]) -> Path:
@@ -167,6 +185,14 @@ def run_predict(run_dir: str | Path, overrides: list[str]) -> Path:
     # labels outside the trained classes (e.g. MSI-L for an MSS/MSI-H model): predicted, left out of the metrics
     cohort = load_cohort(cfg.cohort, require_labels=False, columns=columns, unknown_labels="ignore")
     check_compatible(run, cohort)
+    seen = patients_seen_in_training(run, cohort)
+    n_patients = len({b.patient_id for b in cohort.bags})
+    if seen:
+        logger.warning(
+            "%d of the cohort's %d patients (%s) have the IDs of patients the run %s trained or validated on "
+            "(its splits.yaml): if they are the same patients, their predictions and the metrics are not an external "
+            "validation. For the run's own patients, its cross-validated predictions.csv is the honest estimate; "
+            "predict on patients it has not seen", len(seen), n_patients, _examples(seen), run.path)
     raw_covariates = read_covariates(cfg.cohort, cohort.bags, context=f" (the run {run.path} was trained with them)")
     device = resolve_device(cfg.trainer.accelerator)
     per_model: dict[str, dict[str, np.ndarray]] = {}
@@ -195,6 +221,8 @@ def run_predict(run_dir: str | Path, overrides: list[str]) -> Path:
     meta = {"kind": "predict", "run": str(run.path), **task.metadata(), "models": list(run.weights),
             **({"thresholds": task.thresholds} if task.thresholds else {}),
             "bootstrap": {"n": cfg.cv.bootstrap, "seed": cfg.cv.seed}}
+    if seen:
+        meta["patients_seen_in_training"] = len(seen)
     if cohort.unknown_labels:  # counted, so the metrics' n is explained
         meta["labels_outside_classes"] = cohort.unknown_labels
     write_text(out / "run.yaml", OmegaConf.to_yaml(OmegaConf.create(meta)))
@@ -202,7 +230,12 @@ def run_predict(run_dir: str | Path, overrides: list[str]) -> Path:
     if labelled:
         result = write_report(df, task.columns[0].name, run.classes, out, id_columns(cfg),
                               n_boot=cfg.cv.bootstrap, seed=cfg.cv.seed, task=task)
-        logger.info("external cohort, %d labelled bags: %s", labelled, task.headline(result))
+        if seen and (out / "summary.md").is_file():
+            note = (f"**Not an external validation:** {len(seen)} of these {n_patients} patients have the IDs of "
+                    f"patients the run `{run.path}` trained or validated on ({_examples(seen)}).\n\n")
+            write_text(out / "summary.md", note + (out / "summary.md").read_text())
+        logger.info("%s, %d labelled bags: %s", "cohort with patients seen in training" if seen else "external cohort",
+                    labelled, task.headline(result))
     else:
         logger.info("no labels in the cohort: wrote predictions only")
     return out

@@ -55,6 +55,24 @@ def test_external_auroc_matches_scikit_learn_and_is_not_below_crossval(trained):
     assert ext_auroc >= cv_auroc["ci_low"] - 0.02 and ext_auroc > 0.8
 
 
+def test_predicting_the_training_patients_is_not_called_external(trained, synthetic_cohort, caplog):
+    tmp, cv, ext = trained
+    c = synthetic_cohort
+    own = [f"cohort.clinical_csv={c.clinical_csv}", f"cohort.slide_csv={c.slide_csv}", f"cohort.features_dir={c.features_dir}"]
+    with caplog.at_level("WARNING", logger="mil.predict"):
+        out = run_predict(cv, [*own, f"output_dir={tmp / 'own'}"])
+    n = pd.read_csv(c.clinical_csv).shape[0]
+    assert f"{n} of the cohort's {n} patients" in caplog.text and "not an external" in caplog.text
+    assert OmegaConf.load(out / "run.yaml").patients_seen_in_training == n
+    assert (out / "summary.md").read_text().startswith("**Not an external validation:**")
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="mil.predict"):  # new patients: no warning, nothing recorded
+        ext_out = run_predict(cv, [*_cohort(ext), f"output_dir={tmp / 'ext-again'}"])
+    assert "trained or validated on" not in caplog.text
+    assert "patients_seen_in_training" not in OmegaConf.load(ext_out / "run.yaml")
+    assert "Not an external" not in (ext_out / "summary.md").read_text()
+
+
 def test_unlabelled_cohort_gets_predictions_only(trained):
     tmp, cv, ext = trained
     clinical = pd.read_csv(ext.clinical_csv).drop(columns=["MSI"])
