@@ -191,7 +191,12 @@ def _normal_id(value: str) -> str:
 
 
 def _check_ids_match(clinical: pd.DataFrame, slides: pd.DataFrame, pcol: str, clinical_csv: str, slide_csv: str) -> None:
-    """Name ids that differ between the tables (with examples from each side); raise when none match."""
+    """Name ids that differ between the tables (with examples from each side).
+
+    Raises when none match, or when some differ from the other table's only in leading zeros, case or
+    spaces: those are the same patients after an export, and skipping them would quietly shrink the
+    cohort. Other ids found in the slide table only are a warning; their slides are skipped.
+    """
     in_clinical, in_slides = set(clinical[pcol].dropna()), set(slides[pcol].dropna())
     only_slides, only_clinical = sorted(in_slides - in_clinical), sorted(in_clinical - in_slides)
     if not only_slides:
@@ -205,9 +210,47 @@ def _check_ids_match(clinical: pd.DataFrame, slides: pd.DataFrame, pcol: str, cl
                 "a spreadsheet or R export turned the ids into numbers; keep the id column as text in both tables")
     message = (f"{len(only_slides)} of the {len(in_slides)} patients in {slide_csv} are not in {clinical_csv} "
                f"(e.g. {only_slides[:3]}; ids only in {clinical_csv}: {only_clinical[:3]}){hint}")
-    if not in_slides & in_clinical:
+    if not in_slides & in_clinical or pairs:
         raise CohortError(f"patient ids do not match between the tables: {message}")
     logger.warning("%s; their slides are skipped", message)
+
+
+def _same_value(a: str, b: str) -> bool:
+    """Two label cells agree: equal as written (spaces stripped), or as numbers (``1`` and ``1.0``)."""
+    a, b = str(a).strip(), str(b).strip()
+    if a == b:
+        return True
+    try:
+        return float(a) == float(b)
+    except ValueError:
+        return False
+
+
+def _check_labels_agree(
+    clinical: pd.DataFrame, slides: pd.DataFrame, names: list[str], pcol: str, scol: str, clinical_csv: str,
+    slide_csv: str,
+) -> None:
+    """Refuse a label column that both tables hold with different values for a patient, listing every such row.
+
+    The clinical table's values are the ones used; a slide table that disagrees means one of the two is
+    out of date, and training on either silently would hide it.
+    """
+    conflicts: list[str] = []
+    for name in [n for n in names if n in slides.columns]:
+        truth = dict(zip(clinical[pcol], clinical[name], strict=True))
+        for i, row in slides.iterrows():
+            here, there = row[name], truth.get(row[pcol])
+            if pd.isna(here) or str(here).strip() == "" or there is None or pd.isna(there) or _same_value(here, there):
+                continue
+            conflicts.append(f"row {i + 2} ({scol} {row[scol]!r}, {pcol} {row[pcol]!r}): {name} {str(here).strip()!r} "
+                             f"vs {there!r} in the clinical table")
+    if conflicts:
+        shown = "; ".join(conflicts[:10]) + (f"; ... ({len(conflicts) - 10} more)" if len(conflicts) > 10 else "")
+        raise CohortError(
+            f"{slide_csv} and {clinical_csv} both have the label column(s) {', '.join(n for n in names if n in slides)} "
+            f"and disagree on {len(conflicts)} slide row(s): {shown}. Correct the table that is wrong, or remove the "
+            f"column from the slide table so that the clinical table alone holds the labels"
+        )
 
 
 def _bag_name(slide_id: str, bags: set[str], suffixes: set[str]) -> str | None:
@@ -293,6 +336,7 @@ def load_cohort(
             sources[c.name] = str(clinical_csv)
         names = [c.name for c in here]
         _check_ids_match(clinical, slides, pcol, clinical_csv, slide_csv)
+        _check_labels_agree(clinical, slides, names, pcol, scol, clinical_csv, slide_csv)
         slides = slides.drop(columns=names, errors="ignore").merge(clinical[[pcol, *names]], on=pcol, how="left")
         for pid in sorted(set(clinical[pcol].dropna()) - set(slides[pcol].dropna())):
             skipped.add("patient", pid, "no slides in the slide table", "patients without slides")

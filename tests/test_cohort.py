@@ -72,6 +72,19 @@ def test_slide_table_labels(tables):
         load_cohort(_cfg(tmp, None, slides, target="tumor", bag_level="patient"))
 
 
+def test_labels_that_the_two_tables_disagree_on_are_all_named(tables):
+    tmp, clinical, slides = tables
+    agree = slides.assign(MSI=["MSI-H", "MSI-H", "MSS", " MSS", None, "MSS"])  # spaces and empty cells: no conflict
+    assert len(load_cohort(_cfg(tmp, clinical, agree)).bags) == 3
+    flipped = slides.assign(MSI=["MSS", "MSI-H", "MSI-H", "MSS", None, "MSS"])  # A's first slide and B disagree
+    with pytest.raises(CohortError, match=r"disagree on 2 slide row\(s\)") as e:
+        load_cohort(_cfg(tmp, clinical, flipped))
+    message = str(e.value)
+    assert "row 2 (slide_id 'a1', patient_id 'A'): MSI 'MSS' vs 'MSI-H'" in message
+    assert "row 4 (slide_id 'b1', patient_id 'B'): MSI 'MSI-H' vs 'MSS'" in message
+    assert "slides.csv" in message and "clinical.csv" in message
+
+
 def test_label_not_in_classes(tables):
     tmp, clinical, slides = tables
     with pytest.raises(CohortError, match=r"clinical.csv: label 'MSI-H' for 'A' is not in cohort.classes \['MSS', 'MSI'\]"):

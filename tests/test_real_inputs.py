@@ -102,6 +102,19 @@ def test_ids_that_lost_their_leading_zeros_are_named_with_examples(tmp_path):
     assert "has a bag" not in message
 
 
+def test_a_few_ids_that_lost_their_leading_zeros_are_an_error_too(tmp_path, caplog):
+    for i in range(3):
+        _bag(tmp_path / "features", f"S{i}")
+    clinical = pd.DataFrame({"patient_id": ["00007", "00012", "00100"], "label": ["a", "b", "a"]})
+    slides = pd.DataFrame({"patient_id": ["00007", "12", "00100"], "slide_id": ["S0", "S1", "S2"]})  # one edited by hand
+    with pytest.raises(CohortError, match=r"1 of the 3 patients in .*differ only in leading zeros.*'12' vs '00012'"):
+        load_cohort(_cohort_cfg(tmp_path, slides, clinical))
+    other = slides.assign(patient_id=["00007", "99999", "00100"])  # an id that matches nothing: skipped, with a warning
+    with caplog.at_level(logging.WARNING, logger="mil.cohort"):
+        cohort = load_cohort(_cohort_cfg(tmp_path, other, clinical))
+    assert len(cohort.bags) == 2 and "their slides are skipped" in caplog.text
+
+
 def test_slide_ids_written_with_the_file_extension_match_their_bags(tmp_path, caplog):
     for sid in ("PAT-000-DX1", "PAT-001-DX1"):
         _bag(tmp_path / "features", sid)
