@@ -5,12 +5,19 @@ coordinates, lies inside the tile's real extent ``[x, x + tile_size) x [y, y + t
 The scale is taken per axis (``raster_width / slide_width``, ``raster_height / slide_height``),
 so a thumbnail whose sides were rounded separately, or a slide whose size is not a multiple
 of the tile size, still puts every tile's heat where the tile is.
+
+Text is drawn with matplotlib's bundled DejaVu Sans (a TrueType font with the glyphs we write,
+``µ`` included): PIL's default font lacks ``µ`` and draws a missing-glyph box in its place.
 """
 
 from __future__ import annotations
 
+import functools
+import logging
 from collections.abc import Sequence
+from pathlib import Path
 
+import matplotlib
 import numpy as np
 from matplotlib import colormaps
 from PIL import Image, ImageDraw, ImageFont
@@ -26,13 +33,64 @@ GRID_TILE_PX = 160  # side of each tile in the top/bottom grid
 # Tile corners are whole level-0 pixels rounded from a fractional grid, so neighbours can sit up to
 # one pixel apart: each tile is painted one level-0 pixel wider, or a grid shows hairline gaps.
 SEAM_PX = 1.0
+FONT_FAMILY = "DejaVu Sans"  # ships with matplotlib, a core dependency
+FONT_FILE = "DejaVuSans.ttf"
+MISSING_GLYPH = "\uffff"  # a noncharacter: no font has it, so it renders as the font's missing-glyph box
+
+Font = ImageFont.ImageFont | ImageFont.FreeTypeFont
+
+logger = logging.getLogger(__name__)
 
 
-def font(size: int = TEXT_PX) -> ImageFont.ImageFont | ImageFont.FreeTypeFont:
+@functools.cache
+def _truetype_path() -> str | None:
+    """Path of matplotlib's DejaVu Sans, or None when it cannot be found (logged once)."""
+    bundled = Path(matplotlib.get_data_path()) / "fonts" / "ttf" / FONT_FILE
+    if bundled.is_file():
+        return str(bundled)
+    try:
+        from matplotlib import font_manager
+
+        return font_manager.findfont(FONT_FAMILY, fallback_to_default=False)
+    except (ValueError, OSError, RuntimeError) as e:
+        logger.warning("%s not found (%s): heatmap text uses PIL's default font, µm written as um", FONT_FAMILY, e)
+        return None
+
+
+@functools.cache
+def font(size: int = TEXT_PX) -> Font:
+    """The font for text of ``size`` px in heatmap images (cached per size).
+
+    DejaVu Sans from matplotlib, which has every glyph we draw (``µ`` included); PIL's default
+    font if that cannot be loaded (it lacks ``µ``: :func:`_um_label` then writes ``um``).
+    """
+    path = _truetype_path()
+    if path is not None:
+        try:
+            return ImageFont.truetype(path, size)
+        except (OSError, ImportError, ValueError) as e:  # ImportError: Pillow built without FreeType
+            logger.warning("cannot load %s (%s): heatmap text uses PIL's default font, µm written as um", path, e)
     try:
         return ImageFont.load_default(size=size)
     except TypeError:  # Pillow < 10.1: fixed-size bitmap font
         return ImageFont.load_default()
+
+
+def has_glyphs(f: Font, text: str) -> bool:
+    """Whether ``f`` draws a real glyph for every character of ``text`` (not its missing-glyph box).
+
+    A TrueType font's missing glyphs all render as the mask of :data:`MISSING_GLYPH`; PIL's old
+    bitmap font is only trusted with ASCII.
+    """
+    if not isinstance(f, ImageFont.FreeTypeFont):
+        return text.isascii()
+
+    def mask(ch: str) -> tuple[tuple[int, int], bytes]:
+        m = f.getmask(ch)
+        return m.size, bytes(m)
+
+    missing = mask(MISSING_GLYPH)
+    return all(ch.isspace() or mask(ch) != missing for ch in set(text))
 
 
 def percentile_scores(scores: np.ndarray) -> np.ndarray:
@@ -162,6 +220,7 @@ def colour_bar(height: int, label: str, text_px: int = TEXT_PX) -> Image.Image:
 
 
 def vertical_text(text: str, text_px: int = TEXT_PX) -> Image.Image:
+    """``text`` rendered black on white and turned 90 degrees anticlockwise (reads bottom to top)."""
     f = font(text_px)
     box = ImageDraw.Draw(Image.new("RGB", (1, 1))).textbbox((0, 0), text, font=f)
     img = Image.new("RGB", (box[2] + 2, round(text_px * 1.4)), "white")
@@ -217,8 +276,12 @@ def nice_length(target: float) -> float:
     return float(max(m * power for m in (1, 2, 5) if m * power <= target))
 
 
-def _um_label(um: float) -> str:
-    return f"{um / 1000:g} mm" if um >= 1000 else f"{um:g} µm"
+def _um_label(um: float, f: Font) -> str:
+    """``um`` as a length label in mm or µm; ``um`` for µm when the font ``f`` lacks the ``µ`` glyph."""
+    if um >= 1000:
+        return f"{um / 1000:g} mm"
+    micro = "µ" if has_glyphs(f, "µ") else "u"
+    return f"{um:g} {micro}m"
 
 
 def scale_bar(panel: Image.Image, um_per_px: float, text_px: int = TEXT_PX) -> Image.Image:
@@ -229,8 +292,8 @@ def scale_bar(panel: Image.Image, um_per_px: float, text_px: int = TEXT_PX) -> I
     draw = ImageDraw.Draw(out)
     pad, thick = max(4, text_px // 2), max(3, text_px // 3)
     x0, y1 = pad, out.height - pad
-    label = _um_label(length_um)
     f = font(text_px)
+    label = _um_label(length_um, f)
     box = draw.textbbox((0, 0), label, font=f)
     draw.rectangle((x0 - 3, y1 - thick - (box[3] - box[1]) - 9, x0 + max(length, box[2]) + 3, y1 + 3), fill="white")
     draw.rectangle((x0, y1 - thick, x0 + length, y1), fill=(0, 0, 0))
@@ -254,10 +317,10 @@ def micron_axes(panel: Image.Image, um_per_px: float, text_px: int = TEXT_PX) ->
             px = round(um / um_per_px)
             if axis == "x":
                 draw.line((x0 + px, y0 + panel.height, x0 + px, y0 + panel.height + 4), fill=(0, 0, 0))
-                draw.text((x0 + px, y0 + panel.height + 5), _um_label(um), fill=(0, 0, 0), font=f, anchor="mt")
+                draw.text((x0 + px, y0 + panel.height + 5), _um_label(um, f), fill=(0, 0, 0), font=f, anchor="mt")
             else:
                 draw.line((x0 - 5, y0 + px, x0 - 1, y0 + px), fill=(0, 0, 0))
-                draw.text((x0 - 7, y0 + px), _um_label(um), fill=(0, 0, 0), font=f, anchor="rm")
+                draw.text((x0 - 7, y0 + px), _um_label(um, f), fill=(0, 0, 0), font=f, anchor="rm")
             um += step
     return out
 

@@ -14,13 +14,23 @@ from encoders.extract import run_extract
 from encoders.slides import open_slide, read_thumbnail
 from encoders.synthetic_slides import make_slide_cohort, write_slide
 from encoders.tiling import grid_coords
+from mil import heatmap_render
 from mil.attention import attention_models, ensemble_attention
 from mil.bags import read_bag_info, read_coords
 from mil.commands.heatmap import HeatmapError, run_heatmap, tile_size_level0
 from mil.config import ConfigError, load_config
 from mil.crossval import run_crossval, run_train
-from mil.heatmap_render import heat_raster, overlay_panel, percentile_scores
+from mil.heatmap_render import (
+    font,
+    heat_raster,
+    overlay_panel,
+    percentile_scores,
+    scale_bar,
+    text_px_for,
+)
 from mil.models import MILOutput
+
+NO_GLYPH = "\uffff"  # a noncharacter: every font draws its missing-glyph box for it
 
 TRAIN = [
     "model.args={hidden_dim: 32}", "cv.folds=2", "cv.bootstrap=20", "train.max_epochs=15", "train.min_steps=0", "train.refit=false", "train.min_epochs=1",
@@ -76,6 +86,33 @@ def test_tile_size_from_the_bag_attributes_or_the_grid(tmp_path):
     assert tile_size_level0({"tile_px": 224}, coords, tmp_path) == 100  # foreign bag: the grid step
     with pytest.raises(HeatmapError, match="cannot tell the tile size"):
         tile_size_level0({}, coords[:1], tmp_path)
+
+
+def test_scale_bar_label_draws_a_real_micro_sign(monkeypatch):
+    """The scale bar's "µm" is drawn with a glyph for µ, not the font's missing-glyph box ("200 ☐m")."""
+    panel = Image.new("RGB", (500, 300), "white")
+    text_px = text_px_for(panel)
+    f = font(text_px)
+    micro, missing = f.getmask("µ"), f.getmask(NO_GLYPH)
+    assert (micro.size, bytes(micro)) != (missing.size, bytes(missing)), f"{f.getname()} has no glyph for µ"
+    drawn = scale_bar(panel, 1.0, text_px)  # 100 µm (a fifth of 500 px at 1 µm/px)
+    assert heatmap_render._um_label(100, f) == "100 µm"
+    # The same bar with the label's µ swapped for a character no font has: the pixels must differ.
+    monkeypatch.setattr(heatmap_render, "_um_label", lambda um, f: f"{um:g} {NO_GLYPH}m")
+    boxed = scale_bar(panel, 1.0, text_px)
+    assert not np.array_equal(np.asarray(drawn), np.asarray(boxed))
+
+
+def test_without_the_truetype_font_labels_fall_back_to_um(monkeypatch):
+    """If DejaVu Sans cannot be loaded, PIL's default font is used and µm is written as um."""
+    monkeypatch.setattr(heatmap_render, "_truetype_path", lambda: None)
+    font.cache_clear()
+    try:
+        f = font(14)
+        assert heatmap_render._um_label(200, f) == "200 um"
+        assert scale_bar(Image.new("RGB", (500, 300), "white"), 1.0).size == (500, 300)
+    finally:
+        font.cache_clear()
 
 
 def test_percentile_scores():
