@@ -11,7 +11,7 @@ import difflib
 import logging
 import os
 import re
-from collections.abc import Collection, Iterable, Mapping, Sequence
+from collections.abc import Callable, Collection, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field, is_dataclass
 from pathlib import Path
 from typing import Any
@@ -355,7 +355,50 @@ def load_config(sources: Sequence[str] | None = None, base: DictConfig | None = 
         if used:
             logger.info("model %r trains with its own defaults %s (set train.<key> to override)",
                         cfg.model.name, ", ".join(f"train.{k}={v}" for k, v in used.items()))
+    _check_model_name(cfg.model.name)
+    _check_ranges(cfg)
     return cfg
+
+
+# train.* numbers and the values they may take: checked when the config is loaded, so a bad value is
+# named by its key before any table is read or bag scanned, not by the optimiser or the trainer later.
+_RANGES: dict[str, tuple[Callable[[Any], bool], str]] = {
+    "lr": (lambda v: v > 0, "> 0"),
+    "weight_decay": (lambda v: v >= 0, ">= 0"),
+    "momentum": (lambda v: 0 <= v < 1, "in [0, 1)"),
+    "max_epochs": (lambda v: v >= 1, ">= 1"),
+    "min_steps": (lambda v: v >= 0, ">= 0"),
+    "min_epochs": (lambda v: v >= 0, ">= 0"),
+    "batch_size": (lambda v: v >= 1, ">= 1"),
+    "bag_size": (lambda v: v is None or v >= 1, ">= 1, or null for full bags"),
+    "eval_batch_size": (lambda v: v >= 1, ">= 1"),
+    "warmup_steps": (lambda v: v >= 0, ">= 0"),
+    "min_lr_ratio": (lambda v: 0 <= v <= 1, "in [0, 1]"),
+    "monitor_window": (lambda v: v >= 1, ">= 1"),
+    "min_val_bags": (lambda v: v >= 1, ">= 1"),
+    "patience": (lambda v: v is None or v >= 1, ">= 1, or null for no early stopping"),
+    "aux_loss_weight": (lambda v: v is None or v >= 0, ">= 0, or null for the model's own"),
+    "num_workers": (lambda v: v >= 0, ">= 0"),
+}
+
+
+def _check_ranges(cfg: DictConfig) -> None:
+    """Raise one :class:`ConfigError` naming every ``train.*`` value outside its range (see ``_RANGES``)."""
+    bad = [f"train.{key}={cfg.train[key]} (must be {allowed})" for key, (ok, allowed) in _RANGES.items()
+           if not ok(cfg.train[key])]
+    if bad:
+        raise ConfigError(f"invalid training setting{'s' if len(bad) > 1 else ''}: {'; '.join(bad)}")
+
+
+def _check_model_name(name: str) -> None:
+    """An unknown ``model.name`` fails when the config is loaded, with the registry's suggestion."""
+    from mil.models import MODELS  # lazy: the models import torch
+
+    if name not in MODELS:
+        try:
+            MODELS.get(name)
+        except KeyError as e:
+            raise ConfigError(f"model.name: {e}") from None
 
 
 def _merge_sources(cfg: DictConfig, sources: Sequence[str] | None, base: DictConfig | None) -> DictConfig:

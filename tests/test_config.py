@@ -76,3 +76,18 @@ def test_config_changes_names_every_changed_added_and_removed_key_and_skips_igno
         f"train.seed: {before['train.seed']!r} -> 7",
     ]
     assert config_changes(before, before) == []
+
+
+def test_training_numbers_out_of_range_are_all_named_at_load():
+    with pytest.raises(ConfigError) as e:
+        load_config(["train.lr=-1", "train.batch_size=0", "train.momentum=1.5", "train.patience=0"])
+    message = str(e.value)
+    for part in ("train.lr=-1.0 (must be > 0)", "train.batch_size=0 (must be >= 1)", "train.momentum=1.5 (must be in [0, 1))",
+                 "train.patience=0 (must be >= 1, or null for no early stopping)"):
+        assert part in message
+    assert load_config(["train.patience=null", "train.bag_size=null", "train.aux_loss_weight=0"]).train.bag_size is None
+
+
+def test_an_unknown_model_name_fails_at_load_with_a_suggestion():
+    with pytest.raises(ConfigError, match=r"model.name: Unknown model 'gated_abmill'. Did you mean 'gated_abmil'\?"):
+        load_config(["model.name=gated_abmill"])
