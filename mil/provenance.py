@@ -30,7 +30,8 @@ RECORD_VERSION = 1
 SIDES = ("train", "val", "test")
 # Files whose presence means a run folder holds finished results that a new config must not mix with:
 # a finished fold's predictions (written last), a `mil train` model or inner model (written last), pooled predictions.
-_FINISHED = ("predictions.csv", "model.safetensors", "inner_*/model.safetensors", "*/predictions.csv")
+# An inner model of a fold is finished once its member.json is written (mil.ensemble).
+_FINISHED = ("predictions.csv", "model.safetensors", "inner_*/model.safetensors", "*/predictions.csv", "*/inner_*/member.json")
 
 
 def file_identity(path: Path) -> list[int]:

@@ -125,6 +125,27 @@ def test_resume_with_changed_config_is_refused(tmp_path, cohort_overrides, fast_
         run_crossval(_cfg(tmp_path, cohort_overrides, fast_overrides, "train.max_epochs=1", "train.lr=0.1"))
 
 
+def test_resume_with_changed_config_is_refused_once_an_inner_model_is_finished(tmp_path, cohort_overrides,
+                                                                               fast_overrides, monkeypatch):
+    import mil.ensemble
+
+    real_fit, calls = mil.ensemble.fit_model, []
+
+    def interrupted_on_second(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+        return real_fit(*args, **kwargs)
+
+    monkeypatch.setattr(mil.ensemble, "fit_model", interrupted_on_second)
+    first = ["train.max_epochs=1", "cv.inner_folds=2", "cv.jobs=1"]
+    with pytest.raises(KeyboardInterrupt):
+        run_crossval(_cfg(tmp_path, cohort_overrides, fast_overrides, *first))
+    assert (tmp_path / "run" / "fold_0" / "inner_0" / "member.json").is_file()
+    with pytest.raises(ConfigError, match=r"holds a run with a different config \(train.lr: 0.003 -> 0.1\)"):
+        run_crossval(_cfg(tmp_path, cohort_overrides, fast_overrides, *first, "train.lr=0.1"))
+
+
 def test_split_file_is_reused_exactly(tmp_path, cohort_overrides, fast_overrides):
     a = run_crossval(_cfg(tmp_path, cohort_overrides, fast_overrides, "train.max_epochs=1", name="a"))
     b = run_crossval(_cfg(tmp_path, cohort_overrides, fast_overrides, "train.max_epochs=1", "cv.seed=99",
