@@ -61,19 +61,25 @@ def cmd_train(args: argparse.Namespace) -> None:
           f"model trained: {len(files)} inner models averaged, {', '.join(str(f) for f in files)}")
 
 
-def cmd_extract(args: argparse.Namespace) -> None:
+def cmd_extract(args: argparse.Namespace) -> int:
+    """Extract the slides; exit status 1 when any slide failed (the others' bags are written)."""
     from encoders.extract import run_extract  # the command layer is the only place mil meets encoders
+    from mil.commands.failures import exit_status
 
     shard = _parse_shard(args.shard)
     summary = run_extract(_load(args.config), shard=shard)
     print(f"extraction finished: summary in {summary}")
+    return exit_status("extract", [summary])
 
 
-def cmd_predict(args: argparse.Namespace) -> None:
-    from mil.commands.predict import run_predict
+def cmd_predict(args: argparse.Namespace) -> int:
+    """Predict (embedding the slides first when given); exit status 1 when a slide failed to embed."""
+    from mil.commands.failures import exit_status
+    from mil.commands.predict import predict_from_slides
 
-    out = run_predict(args.run_dir, args.config)
+    out, summary = predict_from_slides(args.run_dir, args.config)
     print(f"predictions written: {out}/predictions.csv")
+    return exit_status("predict", [summary])
 
 
 def cmd_heatmap(args: argparse.Namespace) -> None:
@@ -115,10 +121,14 @@ def cmd_report(args: argparse.Namespace) -> None:
     print(f"report written to {out}")
 
 
-def cmd_demo(args: argparse.Namespace) -> None:
+def cmd_demo(args: argparse.Namespace) -> int:
+    """Run the demo; exit status 1 when a generated slide failed to extract."""
     from mil.commands.demo import run_demo, summary
+    from mil.commands.failures import exit_status
 
-    print(summary(run_demo(args.out, size=args.size, encoder=args.encoder, weights=args.weights)))
+    result = run_demo(args.out, size=args.size, encoder=args.encoder, weights=args.weights)
+    print(summary(result))
+    return exit_status("demo", result.extract_summaries)
 
 
 def cmd_import_bags(args: argparse.Namespace) -> None:
@@ -176,7 +186,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging and full tracebacks")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True, parser_class=_IntermixedParser)
 
-    def add(name: str, func: Callable, help: str, description: str) -> argparse.ArgumentParser:
+    def add(name: str, func: Callable[[argparse.Namespace], int | None], help: str,
+            description: str) -> argparse.ArgumentParser:
         p = sub.add_parser(name, help=help, description=description)
         p.set_defaults(func=func)
         return p
@@ -291,6 +302,8 @@ def _quiet_third_party() -> None:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    """Run one command. Exit status: 0; 1 when it finished but some items (slides) failed, each
+    listed with its reason in the command's summary; 2 when a usage or config error stopped it."""
     args = build_parser().parse_args(argv)
     from mil.progress import LOG_DATEFMT, LOG_FORMAT
 
@@ -302,11 +315,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     if not args.verbose and args.command != "print-config":
         _quiet_third_party()
     try:
-        args.func(args)
+        status = args.func(args)
     except (ValueError, KeyError, FileNotFoundError, TypeError, ImportError) as e:
         if args.verbose:
             raise
         message = e.args[0] if isinstance(e, KeyError) and e.args else e
         print(f"mil {args.command}: error: {message}", file=sys.stderr)
         return 2
-    return 0
+    return status or 0

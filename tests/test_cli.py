@@ -47,3 +47,19 @@ def test_import_bags_then_cohort_loads(tmp_path, capsys):
 
     cohort = load_cohort(load_config(overrides).cohort)
     assert len(cohort.bags) == 6 and cohort.dim == 4
+
+
+def test_predict_from_slides_exits_non_zero_when_a_slide_failed(tmp_path, monkeypatch, caplog):
+    """Slides that failed to embed are missing from the predictions: `mil predict` exits 1, naming the summary."""
+    import mil.commands.predict as predict_command
+
+    summary = tmp_path / "extract_summary.csv"
+    summary.write_text("slide_id,status,n_tiles,reason,path,seconds\n"
+                       "a,done,10,,a.svs,1.0\nb,failed,0,SlideError: b.svs: cannot open slide,b.svs,0.1\n")
+    outcome: list = [tmp_path, summary]
+    monkeypatch.setattr(predict_command, "predict_from_slides", lambda run_dir, overrides: tuple(outcome))
+    assert main(["predict", "RUN", "output_dir=x"]) == 1
+    last = [r for r in caplog.records if r.levelname == "ERROR"][-1].getMessage()
+    assert "1 of 2 slides failed" in last and str(summary) in last
+    outcome[1] = None  # predicting from bags: nothing was extracted
+    assert main(["predict", "RUN", "output_dir=x"]) == 0

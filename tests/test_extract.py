@@ -140,6 +140,29 @@ def test_bad_slides_are_listed_and_the_run_goes_on(make_slide, tmp_path):
     assert rows["nompp"]["status"] == "done"
 
 
+def test_cli_exits_non_zero_when_a_slide_failed_and_keeps_the_others(make_slide, tmp_path, caplog):
+    """`mil extract` with a failed slide: the good bag and the summary are written, then exit status 1."""
+    from mil.cli import main
+
+    folder = tmp_path / "slides"
+    make_slide("good", folder=folder)
+    (folder / "broken.svs").write_bytes(os.urandom(4096))
+    out = tmp_path / "bags"
+    args = ["extract", f"slides.dir={folder}", f"features_dir={out}", "encoder.name=random-vit-tiny",
+            "encoder.batch_size=8", "loader.workers=0", "tiling.thumbnail_px=512"]
+    assert main(args) == 1
+    rows = summary(out / "extract_summary.csv")
+    assert {k: r["status"] for k, r in rows.items()} == {"good": "done", "broken": "failed"}
+    assert sorted(p.name for p in out.glob("*.h5")) == ["good.h5"]
+    last = [r for r in caplog.records if r.levelname == "ERROR"][-1].getMessage()
+    assert "1 of 2 slides failed" in last and str(out / "extract_summary.csv") in last
+
+    # Without the bad file the rerun skips the finished bag and succeeds.
+    (folder / "broken.svs").unlink()
+    assert main(args) == 0
+    assert summary(out / "extract_summary.csv")["good"]["status"] == "skipped"
+
+
 def test_a_bag_from_another_recipe_is_not_reused(three_slides, tmp_path):
     out = tmp_path / "bags"
     run_extract(extract_cfg(three_slides, out))

@@ -5,4 +5,5 @@ from bags) never imports ``encoders`` or ``timm``; a test enforces it. What need
 here and imports ``encoders`` lazily: heatmaps drawn over slides (:mod:`mil.commands.heatmap`),
 prediction straight from slides (:mod:`mil.commands.predict`) and the demo
 (:mod:`mil.commands.demo`). ``mil extract`` is :func:`encoders.extract.run_extract` itself.
+The exit status of commands that go on past failed slides is :mod:`mil.commands.failures`.
 """

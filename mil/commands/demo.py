@@ -12,7 +12,7 @@ from __future__ import annotations
 import json
 import logging
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import pandas as pd
@@ -52,6 +52,7 @@ class DemoResult:
     crossval_auroc: dict[str, float]
     external_auroc: float
     heatmap_slides: list[str]
+    extract_summaries: list[Path] = field(default_factory=list)  # per cohort; failed slides are listed there
 
 
 def _overrides(out: Path, size: DemoSize, encoder: str, weights: str | None) -> dict[str, list[str]]:
@@ -108,8 +109,8 @@ def run_demo(out: str | Path = "demo_output", size: str = "full", encoder: str =
     make_slide_cohort(out / "cohort", n_patients=preset.patients, seed=0, size=preset.slide_px)
     make_slide_cohort(out / "external_cohort", n_patients=preset.external_patients, seed=1, size=preset.slide_px, prefix="E")
     step(f"mil extract ({encoder})")
-    run_extract(load_config([str(CONFIGS / "extract.yaml"), *keys["extract"]]))
-    run_extract(load_config([str(CONFIGS / "extract.yaml"), *keys["extract_external"]]))
+    summaries = [run_extract(load_config([str(CONFIGS / "extract.yaml"), *keys[k]]))
+                 for k in ("extract", "extract_external")]
     step("mil crossval (gated_abmil)")
     cv = run_crossval(load_config([str(CONFIGS / "crossval.yaml"), *keys["crossval"]]))
     step("mil predict on the external cohort")
@@ -123,7 +124,7 @@ def run_demo(out: str | Path = "demo_output", size: str = "full", encoder: str =
     cv_auroc = json.loads((cv / "metrics.json").read_text())["pooled"]["auroc"]
     ext_auroc = json.loads((external / "metrics.json").read_text())["pooled"]["auroc"]["value"]
     step("done")
-    return DemoResult(out, cv, external, heatmaps, cv_auroc, ext_auroc, slides)
+    return DemoResult(out, cv, external, heatmaps, cv_auroc, ext_auroc, slides, summaries)
 
 
 def summary(result: DemoResult) -> str:

@@ -17,9 +17,12 @@ from mil.predict import run_predict as predict_bags
 logger = logging.getLogger(__name__)
 
 
-def extract_missing_bags(run: Run, cfg: DictConfig) -> None:
+def extract_missing_bags(run: Run, cfg: DictConfig) -> Path:
     """Predicting from slides: embed the cohort's slides into ``cohort.features_dir`` with the
-    encoder, recipe and tiling recorded in the run; bags that already exist are kept."""
+    encoder, recipe and tiling recorded in the run; bags that already exist are kept.
+
+    Returns the extraction summary CSV (a slide that failed is listed there with its reason).
+    """
     from encoders.extract import run_extract  # the command layer is where mil meets encoders
 
     made = run.meta.get("extraction") or {}
@@ -39,7 +42,7 @@ def extract_missing_bags(run: Run, cfg: DictConfig) -> None:
     if not ecfg.slides.csv and not ecfg.slides.dir:
         ecfg.slides.csv = cfg.cohort.slide_csv  # the slide table may carry a path column
     logger.info("embedding the cohort's slides with %s (%s) as the run's bags were made", made["encoder"], made.get("embedding"))
-    run_extract(ecfg)
+    return run_extract(ecfg)
 
 
 def slides_given(run: Run, cfg: DictConfig) -> bool:
@@ -48,13 +51,24 @@ def slides_given(run: Run, cfg: DictConfig) -> bool:
     return any(slides) and slides != (run.config.slides.dir, run.config.slides.csv)
 
 
+def predict_from_slides(run_dir: str | Path, overrides: list[str]) -> tuple[Path, Path | None]:
+    """:func:`run_predict`, also returning the extraction summary CSV (None when no slides were embedded).
+
+    A slide whose extraction failed has no bag, so the cohort skips it and the others are
+    predicted; the summary lists it with its reason (``mil predict`` then exits non-zero).
+    """
+    run = load_run(run_dir)
+    summary = None
+    if slides_given(run, cfg := prediction_config(run, overrides)):
+        summary = extract_missing_bags(run, cfg)
+    return predict_bags(run_dir, overrides), summary
+
+
 def run_predict(run_dir: str | Path, overrides: list[str]) -> Path:
     """Predict every bag of the configured cohort; write predictions (and metrics when labelled).
 
     With ``slides.dir`` or ``slides.csv`` set for the new cohort, its slides are embedded first (see
     :func:`extract_missing_bags`), so a new cohort can be predicted straight from its slides.
+    Returns the output folder.
     """
-    run = load_run(run_dir)
-    if slides_given(run, cfg := prediction_config(run, overrides)):
-        extract_missing_bags(run, cfg)
-    return predict_bags(run_dir, overrides)
+    return predict_from_slides(run_dir, overrides)[0]

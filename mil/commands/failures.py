@@ -1,0 +1,52 @@
+"""Exit status of commands that carry on past per-item failures.
+
+``mil extract`` (and ``mil predict`` / ``mil demo``, which extract slides first) log a failing
+slide, list it with its reason in the summary CSV and go on with the next one, so one bad file
+does not cost a night's run. The library functions return as before; the command layer reads
+the summaries afterwards and turns any failure into exit status :data:`FAILED_EXIT`, so a SLURM
+job or a shell script (``set -e``, ``&&``) does not take a partial run for a finished one.
+"""
+
+from __future__ import annotations
+
+import csv
+import logging
+from collections.abc import Iterable
+from pathlib import Path
+
+logger = logging.getLogger(__name__)
+
+FAILED_EXIT = 1  # some items failed; everything else was done and written
+FAILED_STATUS = "failed"  # the `status` value of a failed row (encoders.extract.FAILED)
+
+
+def count_failed(summary: Path) -> tuple[int, int]:
+    """``(failed, total)`` rows of a summary CSV with a ``status`` column; ``(0, 0)`` when it is missing."""
+    if not summary.is_file():
+        return 0, 0
+    with summary.open(newline="") as f:
+        statuses = [row.get("status", "") for row in csv.DictReader(f)]
+    return sum(s == FAILED_STATUS for s in statuses), len(statuses)
+
+
+def exit_status(command: str, summaries: Iterable[Path | None], item: str = "slide") -> int:
+    """0 when no row of ``summaries`` failed; else log one error line and return :data:`FAILED_EXIT`.
+
+    The error names how many ``item``\\ s failed and the summary file(s) that hold each one's
+    reason. ``None`` entries (nothing was processed) are ignored.
+    """
+    failed, total, where = 0, 0, []
+    for path in summaries:
+        if path is None:
+            continue
+        n_failed, n = count_failed(Path(path))
+        failed, total = failed + n_failed, total + n
+        if n_failed:
+            where.append(str(path))
+    if not failed:
+        return 0
+    kept = "; the others' outputs are written" if failed < total else ""
+    logger.error("mil %s: %d of %d %ss failed%s. The reason for each is in %s (rows with status %s); "
+                 "fix them and rerun the same command to redo only those", command, failed, total, item, kept,
+                 " and ".join(where), FAILED_STATUS)
+    return FAILED_EXIT
