@@ -266,6 +266,13 @@ def report_predictions(
     else:
         prob_classes = [c[len("prob_"):] for c in header if c.startswith("prob_")]
         found = list(classes or (list(meta.classes) if meta is not None and target == meta.target else prob_classes))
+        if not found:
+            raise ValueError(
+                f"{csv} has no prob_<class> columns and no pred_{target} column, so its task is unknown "
+                f"(columns are {list(header)}). `mil report` reads the predictions `mil crossval` / `mil predict` "
+                f"write: one prob_<class> column per class (e.g. prob_MSS, prob_MSI-H) beside the label column "
+                f"{target!r}, or pred_{target} for a regression. Rename another tool's score columns to match"
+            )
         task = TASKS.get("classification")([LabelColumn(target, classes=[str(c) for c in found])])
     missing = [c for c in task.truth_names + task.prediction_names if c not in header]
     if missing:

@@ -184,6 +184,16 @@ def test_report_reads_back_a_class_named_none(tmp_path):
     assert json.loads((out / "metrics.json").read_text())["pooled"]["n"]["value"] == 40  # "None" rows included
 
 
+def test_report_on_another_tools_predictions_names_the_columns_it_needs(tmp_path):
+    from mil.report import report_predictions
+
+    pd.DataFrame({"patient_id": ["P0", "P1"], "label": [0, 1], "score": [0.2, 0.9]}).to_csv(tmp_path / "other.csv",
+                                                                                          index=False)
+    with pytest.raises(ValueError, match=r"other.csv has no prob_<class> columns and no pred_label column.*"
+                                         r"columns are \['patient_id', 'label', 'score'\]"):
+        report_predictions(tmp_path / "other.csv", target="label")
+
+
 def test_config_keys_are_suggested_by_last_segment_and_synonyms():
     for item, expected in [("train.learning_rate=1e-3", "train.lr"), ("train.epochs=3", "train.max_epochs"),
                            ("epochs=3", "train.max_epochs"), ("trainer.max_epochs=3", "train.max_epochs"),
