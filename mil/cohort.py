@@ -215,6 +215,12 @@ def _check_ids_match(clinical: pd.DataFrame, slides: pd.DataFrame, pcol: str, cl
     logger.warning("%s; their slides are skipped", message)
 
 
+def _suggest(name: str, columns: list[str]) -> str:
+    """`` (did you mean 'msi'?)`` for the column that matches ``name`` but for case, or is closest to it."""
+    close = [c for c in columns if c.casefold() == name.casefold()] or difflib.get_close_matches(name, columns, n=1)
+    return f" (did you mean {close[0]!r}?)" if close else ""
+
+
 def _same_value(a: str, b: str) -> bool:
     """Two label cells agree: equal as written (spaces stripped), or as numbers (``1`` and ``1.0``)."""
     a, b = str(a).strip(), str(b).strip()
@@ -350,7 +356,9 @@ def load_cohort(
             sources[c.name] = str(slide_csv)
         elif require_labels:
             where = f"{clinical_csv} or {slide_csv}" if clinical_csv else str(slide_csv)
-            raise CohortError(f"label column {c.key}={c.name!r} not found in {where}")
+            available = list(dict.fromkeys([*(clinical.columns if clinical_csv else []), *slides.columns]))
+            raise CohortError(f"label column {c.key}={c.name!r} not found in {where}{_suggest(c.name, available)}; "
+                              f"columns are {available}")
         else:
             logger.info("no %r column: predicting without it", c.name)
     columns = [c for c in columns if c.name in sources]

@@ -125,6 +125,7 @@ def read_table(
     path = Path(path)
     df = read_any_table(path, what)
     df.columns = [str(c).strip() for c in df.columns]
+    as_written = list(df.columns)  # for the error: the file's own names, before any alias is applied
     missing = [c for c in required if c not in df.columns]
     for column in list(missing):
         lower = {c.lower(): c for c in df.columns}
@@ -135,7 +136,7 @@ def read_table(
             missing.remove(column)
     if missing:
         raise TableError(
-            f"{what} {path} has no column {', '.join(map(repr, missing))}; columns are {list(df.columns)} "
+            f"{what} {path} has no column {', '.join(map(repr, missing))}; columns are {as_written} "
             "(set cohort.patient_column / cohort.slide_column to the names your table uses)"
         )
     for column in required:

@@ -91,6 +91,17 @@ def test_label_not_in_classes(tables):
         load_cohort(_cfg(tmp, clinical, slides, classes=["MSS", "MSI"]))
 
 
+def test_missing_columns_are_named_with_the_files_own_columns_and_a_suggestion(tables):
+    tmp, clinical, slides = tables
+    lower = clinical.rename(columns={"patient_id": "Patient_ID", "MSI": "msi"}).assign(age=60)
+    with pytest.raises(CohortError, match=r"label column cohort.target='MSI' not found in .* \(did you mean 'msi'\?\); "
+                                          r"columns are \['patient_id', 'msi', 'age', 'slide_id'\]"):
+        load_cohort(_cfg(tmp, lower, slides))
+    renamed = slides.rename(columns={"patient_id": "patient", "slide_id": "slide"})  # 'patient' is an alias, 'slide' not
+    with pytest.raises(CohortError, match=r"has no column 'slide_id'; columns are \['patient', 'slide'\]"):
+        load_cohort(_cfg(tmp, clinical, renamed))
+
+
 def test_duplicates(tables):
     tmp, clinical, slides = tables
     dup = pd.concat([slides, slides.iloc[[2]]])
