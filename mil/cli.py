@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import shlex
 import sys
 import warnings
 from collections.abc import Callable, Sequence
@@ -141,7 +142,7 @@ def cmd_import_bags(args: argparse.Namespace) -> None:
     )
     print(f"imported {result.n_bags} bags ({result.n_instances} instances, {result.dim} features) of "
           f"{result.n_patients} patients into {result.out_dir}; labels {result.label_counts}")
-    print("cross-validate with:  mil crossval CONFIG " + " ".join(result.config_overrides()))
+    print("cross-validate with:  mil crossval CONFIG " + " ".join(shlex.quote(o) for o in result.config_overrides()))
 
 
 def cmd_print_config(args: argparse.Namespace) -> None:

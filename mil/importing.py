@@ -15,6 +15,7 @@ written last, so an interrupted import never looks finished. Then, for example::
 
 from __future__ import annotations
 
+import json
 import logging
 import re
 from collections.abc import Sequence
@@ -56,12 +57,15 @@ class ImportResult:
     label_counts: dict[str, int]  # bags per label
 
     def config_overrides(self) -> list[str]:
-        """``key=value`` overrides that point a config at this cohort."""
+        """``key=value`` overrides that point a config at this cohort, its classes included (sorted; the
+        last is the positive class of a binary task), so any config's own ``cohort.classes`` is replaced.
+        Class names are quoted: ``no`` / ``yes`` or ``0`` / ``1`` stay strings."""
         return [
             f"cohort.clinical_csv={self.clinical_csv}",
             f"cohort.slide_csv={self.slide_csv}",
             f"cohort.features_dir={self.features_dir}",
             f"cohort.target={self.target}",
+            f"cohort.classes=[{','.join(json.dumps(c) for c in self.classes)}]",
         ]
 
 

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import shlex
+
 import numpy as np
 import pandas as pd
 
@@ -9,6 +11,7 @@ from encoders.synthetic_slides import load_ground_truth
 from mil.bags import read_bag_info
 from mil.commands.demo import run_demo, summary
 from mil.commands.predict import run_predict
+from mil.config import load_config
 
 
 def test_tiny_demo_learns_and_localises(tmp_path):
@@ -32,6 +35,10 @@ def test_tiny_demo_learns_and_localises(tmp_path):
     assert (result.external / "metrics.json").is_file()
     assert any(p.name.endswith("_heatmap.png") for p in result.heatmaps)
     assert "Cross-validated AUROC" in summary(result)
+    # The step to rerun by hand points at this --out, not at the configs' demo_output/ paths.
+    command = shlex.split(result.crossval_command)
+    assert command[:2] == ["mil", "crossval"] and f"output_dir={result.crossval}" in command
+    assert load_config(command[2:]).cohort.features_dir == str(tmp_path / "demo" / "features")
 
     # Predicting straight from slides: no bags yet, so `mil predict` embeds them as the run's bags were made.
     ext = tmp_path / "demo" / "external_cohort"

@@ -202,3 +202,24 @@ def test_real_benchmark_files_import_with_readme_counts(tmp_path, name):
         assert result.label_counts[pos_label] == pos and sum(result.label_counts.values()) == pos + neg
         sizes = [read_bag_info(p).n_tiles for p in result.features_dir.glob("*.h5")]
         assert (min(sizes), int(np.median(sizes)), max(sizes)) == (smin, smed, smax)
+
+
+@pytest.mark.parametrize("labels", [["neg", "pos"], ["no", "yes"], [0, 1]])
+def test_the_printed_overrides_point_any_config_at_the_imported_cohort(tmp_path, capsys, labels):
+    """The README's `mil crossval configs/examples/msi.yaml <the overrides it prints>`: msi.yaml's own classes
+    (MSS, MSI-H) are replaced by the imported ones, which stay strings."""
+    import shlex
+    from pathlib import Path
+
+    from mil.cli import main
+
+    x, bag_ids, y, _ = _instances()
+    pd.DataFrame({"slide": bag_ids, "label": np.array(labels)[y], "f0": x[:, 0], "f1": x[:, 1]}).to_csv(
+        tmp_path / "features.csv", index=False)
+    assert main(["import-bags", str(tmp_path / "features.csv"), str(tmp_path / "imported"), "--bag-column", "slide",
+                 "--label-column", "label"]) == 0
+    printed = capsys.readouterr().out.split("mil crossval CONFIG ")[1].strip()
+    msi_yaml = Path(__file__).resolve().parents[1] / "configs" / "examples" / "msi.yaml"
+    cfg = load_config([str(msi_yaml), *shlex.split(printed)])
+    assert list(cfg.cohort.classes) == [str(v) for v in labels]
+    assert len(load_cohort(cfg.cohort).bags) == 12

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import logging
+import shlex
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -53,6 +54,7 @@ class DemoResult:
     external_auroc: float
     heatmap_slides: list[str]
     extract_summaries: list[Path] = field(default_factory=list)  # per cohort; failed slides are listed there
+    crossval_command: str = ""  # the cross-validation step as a command to rerun by hand (paths under ``out``)
 
 
 def _overrides(out: Path, size: DemoSize, encoder: str, weights: str | None) -> dict[str, list[str]]:
@@ -124,7 +126,8 @@ def run_demo(out: str | Path = "demo_output", size: str = "full", encoder: str =
     cv_auroc = json.loads((cv / "metrics.json").read_text())["pooled"]["auroc"]
     ext_auroc = json.loads((external / "metrics.json").read_text())["pooled"]["auroc"]["value"]
     step("done")
-    return DemoResult(out, cv, external, heatmaps, cv_auroc, ext_auroc, slides, summaries)
+    command = shlex.join(["mil", "crossval", str(CONFIGS / "crossval.yaml"), *keys["crossval"]])
+    return DemoResult(out, cv, external, heatmaps, cv_auroc, ext_auroc, slides, summaries, command)
 
 
 def summary(result: DemoResult) -> str:
@@ -140,5 +143,7 @@ def summary(result: DemoResult) -> str:
         f"  external cohort    {result.external}/metrics.json, roc.png, predictions.csv",
         f"  heatmaps           {', '.join(pngs)}",
         f"  QC thumbnails      {result.out}/features/qc/",
-        "  configs            configs/demo/*.yaml (run any step by hand with `mil <command> <config>`)",
+        f"  configs            {CONFIGS}/*.yaml (their paths assume `--out demo_output` run from the repository;",
+        "                     each step is `mil <command> <config> <overrides>`, e.g. this demo's cross-validation:)",
+        f"    {result.crossval_command}",
     ])
