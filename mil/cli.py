@@ -206,7 +206,7 @@ def build_parser() -> argparse.ArgumentParser:
                         "e.g. --fold $SLURM_ARRAY_TASK_ID; any number of such jobs may share the output_dir")
     p.add_argument("--launcher", choices=["slurm", "local", "debug"],
                    help="submit one job per fold with submitit (resources from launcher.*), wait, and pool; "
-                        "local: processes on this machine (pip install 'mil-pathology[slurm]')")
+                        "local: processes on this machine (needs submitit: pip install -e '.[slurm]' in the checkout)")
     add("status", cmd_status, "which folds of a crossval run are finished, running, failed or not started",
         "Read a `mil crossval` output folder: per fold, finished (predictions written), running (a job holds its "
         "lock), failed (with the last line of its error), interrupted (started, no job holds it) or not started; "

@@ -55,7 +55,7 @@ def launch_crossval(cfg: DictConfig, launcher: str = "slurm", folds: Sequence[in
     try:
         import submitit
     except ImportError:
-        raise ImportError("--launcher needs submitit: pip install 'mil-pathology[slurm]'") from None
+        raise ImportError("--launcher needs submitit: pip install -e '.[slurm]' in the checkout (or pip install 'submitit>=1.5')") from None
     out, n_folds = prepare_crossval(cfg)
     todo = [k for k in select_folds(n_folds, folds) if run_status(out).folds[k].state != "finished"]
     container = OmegaConf.to_container(cfg, resolve=True)
