@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import logging
 import math
+import warnings
 from collections.abc import Callable
 from functools import partial
 from pathlib import Path
@@ -18,6 +19,7 @@ from typing import Any
 
 import numpy as np
 import pandas as pd
+from sklearn.exceptions import UndefinedMetricWarning
 
 from mil.io import write_json, write_text
 from mil.metrics import COUNTS, classification_metrics, mean_std, with_intervals
@@ -167,11 +169,21 @@ def classification_report(
     decision = decision_text(thresholds, classes, target)
     result["decision"] = {"text": decision, **({"thresholds": thresholds} if thresholds else {})}
     write_json(out_dir / "metrics.json", result)
-    write_text(out_dir / "summary.md", format_summary(result) + f"\n{decision}\n")
+    present = sorted({str(v) for v in labelled[target]})
+    one_class = ""
+    if len(present) < 2 and len(labelled):
+        one_class = (f"Every one of the {len(labelled)} labelled bags is {target} = {present[0]!r}: AUROC and AP are "
+                     "undefined (NaN) and balanced accuracy is that class's recall alone. Discrimination needs a "
+                     "cohort with both classes.")
+        logger.warning("%s", one_class)
+    write_text(out_dir / "summary.md", format_summary(result) + f"\n{decision}\n" + (f"\n{one_class}\n" if one_class else ""))
     n_patients = pooled[id_columns[0]].nunique() if id_columns and id_columns[0] in pooled else None
-    plot_curves(pooled if "repeat" in labelled and labelled["repeat"].nunique() > 1 else labelled, target, classes, out_dir,
-                pooled_metrics=result["pooled"], n_patients=n_patients, curve_label=curve_label)
-    plot_calibration(pooled, target, classes, out_dir)
+    with warnings.catch_warnings():
+        if one_class:  # said once above; scikit-learn's curve warnings would only repeat it
+            warnings.simplefilter("ignore", UndefinedMetricWarning)
+        plot_curves(pooled if "repeat" in labelled and labelled["repeat"].nunique() > 1 else labelled, target, classes,
+                    out_dir, pooled_metrics=result["pooled"], n_patients=n_patients, curve_label=curve_label)
+        plot_calibration(pooled, target, classes, out_dir)
     y, _, calls = _class_arrays(pooled, target, classes)
     plot_confusion(y, calls, classes, out_dir / "confusion.png", title=target, subtitle=decision)
     return result

@@ -77,3 +77,23 @@ def test_binary_auroc_and_average_precision_equal_scikit_learn_with_ties():
     with_nan = np.array([0.1, np.nan, 0.8, 0.3])
     assert np.isnan(binary_auroc(np.array([0, 1, 1, 0]), with_nan))
     assert np.isnan(binary_average_precision(np.array([0, 1, 1, 0]), with_nan))
+
+
+def test_a_one_class_cohort_is_said_once_not_left_as_nan_and_library_warnings(tmp_path, caplog):
+    import warnings
+
+    from sklearn.exceptions import UndefinedMetricWarning
+
+    from mil.report import write_report
+
+    rng = np.random.default_rng(0)
+    p = rng.random(20)
+    df = pd.DataFrame({"patient_id": [f"P{i}" for i in range(20)], "MSI": "MSS", "prob_MSS": 1 - p, "prob_MSI-H": p})
+    with warnings.catch_warnings(record=True) as caught, caplog.at_level("WARNING", logger="mil.report"):
+        warnings.simplefilter("always")
+        result = write_report(df, "MSI", ["MSS", "MSI-H"], tmp_path, ["patient_id"], n_boot=20)
+    assert np.isnan(result["pooled"]["auroc"]["value"])
+    assert "Every one of the 20 labelled bags is MSI = 'MSS': AUROC and AP are undefined" in caplog.text
+    assert "AUROC and AP are undefined" in (tmp_path / "summary.md").read_text()
+    assert not [w for w in caught if issubclass(w.category, UndefinedMetricWarning)]
+    assert (tmp_path / "roc.png").is_file()
