@@ -464,7 +464,9 @@ def fit(
         "steps_run": int(trainer.global_step),
         "warnings": notes,
     }
-    logger.info("kept epoch %d (%s=%.4f) of %d", kept_epoch, monitor, at_kept[monitor], epochs_run)
+    # Epochs count from 0 here and in summary.json (Lightning's current_epoch); the progress lines count from 1.
+    logger.info("kept epoch %d of 0-%d (%s=%.4f; counted from 0, so the progress line 'epoch %d/%d')", kept_epoch,
+                epochs_run - 1, monitor, at_kept[monitor], kept_epoch + 1, epochs_run)
     return trained, summary
 
 

@@ -108,6 +108,16 @@ def test_fold_warnings_reach_summary_json_and_md(tmp_path, cohort_overrides, fas
     assert "2 of 2 folds may not have learnt" in md and "barely trained" in md
 
 
+def test_the_kept_epoch_line_names_the_progress_line_it_matches(tmp_path, cohort_overrides, fast_overrides, caplog):
+    """Progress lines count epochs from 1 ('epoch 4/4'), summary.json from 0: the log says which is which."""
+    with caplog.at_level("INFO", logger="mil"):
+        out = run_crossval(load_config([*cohort_overrides, *fast_overrides, "cv.folds=2", "train.selection=last",
+                                        "trainer.enable_progress_bar=false", f"output_dir={tmp_path / 'cv'}"]))
+    best = json.loads((out / "fold_0" / "summary.json").read_text())["best_epoch"]
+    assert best == 3 and "epoch 4/4:" in caplog.text
+    assert "kept epoch 3 of 0-3 (" in caplog.text and "so the progress line 'epoch 4/4')" in caplog.text
+
+
 def test_validation_loss_does_not_depend_on_eval_batch_size(tmp_path, cohort_overrides, fast_overrides):
     """The selecting loss is a mean over validation bags, not over batches of them."""
     losses = []
