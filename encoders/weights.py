@@ -63,16 +63,47 @@ def file_sha256(path: Path, chars: int = 16) -> str:
     return h.hexdigest()[:chars]
 
 
+HUB_PROBE_SECONDS = 3.0  # a reachable hub answers a TCP connect well within this
+
+
+def hub_reachable(timeout: float = HUB_PROBE_SECONDS) -> bool:
+    """Whether the hub's host (``HF_ENDPOINT``, default huggingface.co) accepts a TCP connection on its port.
+
+    Asked once before a download so that an offline machine fails in seconds, not after
+    ``huggingface_hub``'s retries with back-off (about 40 s). Behind a proxy (``HTTPS_PROXY`` /
+    ``ALL_PROXY`` set) a direct connection says nothing, so the answer is True there.
+    """
+    import os
+    import socket
+    from urllib.parse import urlsplit
+
+    from huggingface_hub import constants
+
+    if any(os.environ.get(k) for k in ("HTTPS_PROXY", "https_proxy", "ALL_PROXY", "all_proxy")):
+        return True
+    url = urlsplit(constants.ENDPOINT)
+    try:
+        with socket.create_connection((url.hostname, url.port or (443 if url.scheme == "https" else 80)), timeout):
+            return True
+    except OSError:
+        return False
+
+
 def _download(hub_id: str) -> tuple[Path | None, Path]:
-    """Fetch ``config.json`` and the first weights file the repo has."""
-    from huggingface_hub import hf_hub_download
+    """Fetch ``config.json`` and the first weights file the repo has (from the local cache when the hub is
+    unreachable: :func:`hub_reachable`)."""
+    from huggingface_hub import constants, hf_hub_download
     from huggingface_hub.errors import EntryNotFoundError, LocalEntryNotFoundError
 
     repo = hub_id.split(":", 1)[1]
+    cached_only = not constants.HF_HUB_OFFLINE and not hub_reachable()
+    if cached_only:
+        logger.warning("cannot reach %s within %.0f s: looking for %s in the local Hugging Face cache only",
+                       constants.ENDPOINT, HUB_PROBE_SECONDS, hub_id)
 
     def fetch(filename: str) -> Path | None:
         try:
-            return Path(hf_hub_download(repo, filename))
+            return Path(hf_hub_download(repo, filename, local_files_only=cached_only))
         except EntryNotFoundError as e:
             if isinstance(e, LocalEntryNotFoundError):  # offline / not cached: not "file missing"
                 raise

@@ -187,6 +187,29 @@ def test_hub_name_offline_says_how_to_use_a_local_folder(monkeypatch):
     assert "hf download paige-ai/Virchow2 --local-dir" in msg and "encoder.weights=/path/Virchow2" in msg
 
 
+def test_an_unreachable_hub_fails_at_once_from_the_local_cache(monkeypatch, caplog):
+    """No network: one TCP probe, then the local cache only, not huggingface_hub's retries with back-off."""
+    import socket
+
+    import huggingface_hub.constants
+
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", False)
+    for key in ("HTTPS_PROXY", "https_proxy", "ALL_PROXY", "all_proxy"):
+        monkeypatch.delenv(key, raising=False)
+    probes = []
+
+    def refused(address, *args, **kwargs):
+        probes.append(address)
+        raise OSError("network unreachable")
+
+    monkeypatch.setattr(socket, "create_connection", refused)
+    with caplog.at_level("WARNING", logger="encoders.weights"), pytest.raises(WeightsError) as err:
+        create_encoder("virchow2", weights="hf-hub:paige-ai/Virchow2")
+    assert probes == [("huggingface.co", 443)]
+    assert "cannot reach https://huggingface.co within 3 s" in caplog.text
+    assert "encoder.weights=/path/Virchow2" in str(err.value)
+
+
 # ---------------------------------------------------------------- preprocessing
 def test_preprocess_equals_the_torchvision_chain_of_the_model_cards():
     tv = pytest.importorskip("torchvision.transforms")
