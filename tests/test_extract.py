@@ -163,6 +163,20 @@ def test_cli_exits_non_zero_when_a_slide_failed_and_keeps_the_others(make_slide,
     assert summary(out / "extract_summary.csv")["good"]["status"] == "skipped"
 
 
+def test_under_torchrun_a_failed_slide_does_not_stop_the_other_processes(tmp_path, monkeypatch, caplog):
+    """torchrun stops every worker when one exits non-zero: there a failure is logged, and the status is 0."""
+    from mil.commands.failures import exit_status
+
+    table = tmp_path / "extract_summary.csv"
+    table.write_text("slide_id,status,reason\ngood,done,\nbroken,failed,cannot open\n")
+    monkeypatch.delenv("TORCHELASTIC_RUN_ID", raising=False)
+    assert exit_status("extract", [table]) == 1
+    monkeypatch.setenv("TORCHELASTIC_RUN_ID", "job-1")
+    with caplog.at_level("ERROR", logger="mil.commands.failures"):
+        assert exit_status("extract", [table]) == 0
+    assert "1 of 2 slides failed" in caplog.text and "exit status 0 under torchrun" in caplog.text
+
+
 def test_a_bag_from_another_recipe_is_not_reused(three_slides, tmp_path):
     out = tmp_path / "bags"
     run_extract(extract_cfg(three_slides, out))
