@@ -251,10 +251,9 @@ def _check_labels_agree(
             conflicts.append(f"row {i + 2} ({scol} {row[scol]!r}, {pcol} {row[pcol]!r}): {name} {str(here).strip()!r} "
                              f"vs {there!r} in the clinical table")
     if conflicts:
-        shown = "; ".join(conflicts[:10]) + (f"; ... ({len(conflicts) - 10} more)" if len(conflicts) > 10 else "")
         raise CohortError(
             f"{slide_csv} and {clinical_csv} both have the label column(s) {', '.join(n for n in names if n in slides)} "
-            f"and disagree on {len(conflicts)} slide row(s): {shown}. Correct the table that is wrong, or remove the "
+            f"and disagree on {len(conflicts)} slide row(s): {tables.list_examples(conflicts, 10, '; ')}. Correct the table that is wrong, or remove the "
             f"column from the slide table so that the clinical table alone holds the labels"
         )
 

@@ -394,11 +394,10 @@ def _check_model_name(name: str) -> None:
     """An unknown ``model.name`` fails when the config is loaded, with the registry's suggestion."""
     from mil.models import MODELS  # lazy: the models import torch
 
-    if name not in MODELS:
-        try:
-            MODELS.get(name)
-        except KeyError as e:
-            raise ConfigError(f"model.name: {e}") from None
+    try:
+        MODELS.get(name)
+    except KeyError as e:
+        raise ConfigError(f"model.name: {e}") from None
 
 
 def _merge_sources(cfg: DictConfig, sources: Sequence[str] | None, base: DictConfig | None) -> DictConfig:

@@ -27,6 +27,7 @@ from mil.inference import predict_outputs, resolve_device
 from mil.io import atomic_path, write_text
 from mil.report import write_report
 from mil.slide_scores import write_slide_predictions
+from mil.tables import list_examples
 from mil.tasks import Task, task_class, task_from_meta
 
 logger = logging.getLogger(__name__)
@@ -167,10 +168,6 @@ def prediction_columns(run: Run, cfg: DictConfig) -> list[LabelColumn]:
     return [replace(c, classes=trained.classes) for c, trained in zip(named, run.task.columns, strict=True)]
 
 
-def _examples(ids: list[str], n: int = 5) -> str:
-    return ", ".join(ids[:n]) + (f", ... ({len(ids) - n} more)" if len(ids) > n else "")
-
-
 def run_predict(run_dir: str | Path, overrides: list[str]) -> Path:
     """Predict every bag of the configured cohort from its bags; write predictions (and metrics when labelled).
 
@@ -192,7 +189,7 @@ def run_predict(run_dir: str | Path, overrides: list[str]) -> Path:
             "%d of the cohort's %d patients (%s) have the IDs of patients the run %s trained or validated on "
             "(its splits.yaml): if they are the same patients, their predictions and the metrics are not an external "
             "validation. For the run's own patients, its cross-validated predictions.csv is the honest estimate; "
-            "predict on patients it has not seen", len(seen), n_patients, _examples(seen), run.path)
+            "predict on patients it has not seen", len(seen), n_patients, list_examples(seen), run.path)
     raw_covariates = read_covariates(cfg.cohort, cohort.bags, context=f" (the run {run.path} was trained with them)")
     device = resolve_device(cfg.trainer.accelerator)
     per_model: dict[str, dict[str, np.ndarray]] = {}
@@ -232,7 +229,7 @@ def run_predict(run_dir: str | Path, overrides: list[str]) -> Path:
                               n_boot=cfg.cv.bootstrap, seed=cfg.cv.seed, task=task)
         if seen and (out / "summary.md").is_file():
             note = (f"**Not an external validation:** {len(seen)} of these {n_patients} patients have the IDs of "
-                    f"patients the run `{run.path}` trained or validated on ({_examples(seen)}).\n\n")
+                    f"patients the run `{run.path}` trained or validated on ({list_examples(seen)}).\n\n")
             write_text(out / "summary.md", note + (out / "summary.md").read_text())
         logger.info("%s, %d labelled bags: %s", "cohort with patients seen in training" if seen else "external cohort",
                     labelled, task.headline(result))

@@ -21,6 +21,7 @@ from mil.bags import BagError, count_nonfinite_tiles
 from mil.cohort import Bag, Cohort
 from mil.io import write_json
 from mil.splits import Fold
+from mil.tables import list_examples
 
 logger = logging.getLogger(__name__)
 
@@ -77,11 +78,6 @@ def read_record(folder: Path) -> dict[str, Any] | None:
         return None
 
 
-def _examples(items: list[str], n: int = 6) -> str:
-    items = sorted(items)
-    return ", ".join(items[:n]) + (f" and {len(items) - n} more" if len(items) > n else "")
-
-
 def split_changes(saved: dict[str, list[str]], now: dict[str, list[str]]) -> list[str]:
     """Human-readable differences between two splits (side -> patient ids)."""
     changes = []
@@ -90,9 +86,9 @@ def split_changes(saved: dict[str, list[str]], now: dict[str, list[str]]) -> lis
         if before != after:
             parts = []
             if after - before:
-                parts.append(f"+{len(after - before)} ({_examples(list(after - before))})")
+                parts.append(f"+{len(after - before)} ({list_examples(sorted(after - before))})")
             if before - after:
-                parts.append(f"-{len(before - after)} ({_examples(list(before - after))})")
+                parts.append(f"-{len(before - after)} ({list_examples(sorted(before - after))})")
             changes.append(f"{side} patients differ: {', '.join(parts)}")
     return changes
 
@@ -103,9 +99,9 @@ def data_changes(saved: dict[str, Any], now: dict[str, Any]) -> list[str]:
     changes = []
     removed, added = sorted(old.keys() - new.keys()), sorted(new.keys() - old.keys())
     if removed:
-        changes.append(f"{len(removed)} bag(s) no longer in the cohort: {_examples(removed)}")
+        changes.append(f"{len(removed)} bag(s) no longer in the cohort: {list_examples(sorted(removed))}")
     if added:
-        changes.append(f"{len(added)} new bag(s): {_examples(added)}")
+        changes.append(f"{len(added)} new bag(s): {list_examples(sorted(added))}")
     relabelled, refiled = [], []
     for bag_id in sorted(old.keys() & new.keys()):
         a, b = old[bag_id], new[bag_id]
@@ -116,9 +112,9 @@ def data_changes(saved: dict[str, Any], now: dict[str, Any]) -> list[str]:
             names = sorted(n for n in a["files"].keys() | b["files"].keys() if a["files"].get(n) != b["files"].get(n))
             refiled.append(f"{bag_id} ({', '.join(names)})")
     if relabelled:
-        changes.append(f"{len(relabelled)} label(s) changed: {_examples(relabelled)}")
+        changes.append(f"{len(relabelled)} label(s) changed: {list_examples(sorted(relabelled))}")
     if refiled:
-        changes.append(f"bag files changed (size or modification time) for {len(refiled)} bag(s): {_examples(refiled)}")
+        changes.append(f"bag files changed (size or modification time) for {len(refiled)} bag(s): {list_examples(sorted(refiled))}")
     return changes
 
 

@@ -50,6 +50,11 @@ def describe_path(path: str | os.PathLike) -> str:
     return str(p) if p.is_absolute() else f"{p} (relative to the working directory {Path.cwd()})"
 
 
+def list_examples(items: Sequence[str], n: int = 6, sep: str = ", ") -> str:
+    """The first ``n`` of ``items`` joined by ``sep``, then how many more (for messages): ``a, b and 3 more``."""
+    return sep.join(items[:n]) + (f" and {len(items) - n} more" if len(items) > n else "")
+
+
 def sniff_separator(header: str) -> str:
     """The separator of a delimited text table, from its header line (``,`` when unclear).
 

@@ -18,7 +18,13 @@ from pathlib import Path
 logger = logging.getLogger(__name__)
 
 FAILED_EXIT = 1  # some items failed; everything else was done and written
-FAILED_STATUS = "failed"  # the `status` value of a failed row (encoders.extract.FAILED)
+
+
+def _failed_status() -> str:
+    """The ``status`` of a failed row, as :mod:`encoders.extract` writes it (the command layer may import encoders)."""
+    from encoders.extract import FAILED
+
+    return FAILED
 
 
 def count_failed(summary: Path) -> tuple[int, int]:
@@ -27,7 +33,8 @@ def count_failed(summary: Path) -> tuple[int, int]:
         return 0, 0
     with summary.open(newline="") as f:
         statuses = [row.get("status", "") for row in csv.DictReader(f)]
-    return sum(s == FAILED_STATUS for s in statuses), len(statuses)
+    failed = _failed_status()
+    return sum(s == failed for s in statuses), len(statuses)
 
 
 def exit_status(command: str, summaries: Iterable[Path | None], item: str = "slide") -> int:
@@ -49,7 +56,7 @@ def exit_status(command: str, summaries: Iterable[Path | None], item: str = "sli
     kept = "; the others' outputs are written" if failed < total else ""
     logger.error("mil %s: %d of %d %ss failed%s. The reason for each is in %s (rows with status %s); "
                  "fix them and rerun the same command to redo only those", command, failed, total, item, kept,
-                 " and ".join(where), FAILED_STATUS)
+                 " and ".join(where), _failed_status())
     if os.environ.get("TORCHELASTIC_RUN_ID"):
         # torchrun stops every process when one exits non-zero, and these processes do not wait for each
         # other: one bad slide in an early shard would cut the other shards short.
