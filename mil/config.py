@@ -355,8 +355,9 @@ def load_config(sources: Sequence[str] | None = None, base: DictConfig | None = 
         if used:
             logger.info("model %r trains with its own defaults %s (set train.<key> to override)",
                         cfg.model.name, ", ".join(f"train.{k}={v}" for k, v in used.items()))
-    _check_model_name(cfg.model.name)
-    _check_ranges(cfg)
+    problems = _model_name_problems(cfg.model.name) + _range_problems(cfg)
+    if problems:
+        raise ConfigError(f"invalid setting{'s' if len(problems) > 1 else ''}: {'; '.join(problems)}")
     return cfg
 
 
@@ -382,22 +383,21 @@ _RANGES: dict[str, tuple[Callable[[Any], bool], str]] = {
 }
 
 
-def _check_ranges(cfg: DictConfig) -> None:
-    """Raise one :class:`ConfigError` naming every ``train.*`` value outside its range (see ``_RANGES``)."""
-    bad = [f"train.{key}={cfg.train[key]} (must be {allowed})" for key, (ok, allowed) in _RANGES.items()
-           if not ok(cfg.train[key])]
-    if bad:
-        raise ConfigError(f"invalid training setting{'s' if len(bad) > 1 else ''}: {'; '.join(bad)}")
+def _range_problems(cfg: DictConfig) -> list[str]:
+    """Every ``train.*`` value outside its range (see ``_RANGES``), each with the range it must be in."""
+    return [f"train.{key}={cfg.train[key]} (must be {allowed})" for key, (ok, allowed) in _RANGES.items()
+            if not ok(cfg.train[key])]
 
 
-def _check_model_name(name: str) -> None:
-    """An unknown ``model.name`` fails when the config is loaded, with the registry's suggestion."""
+def _model_name_problems(name: str) -> list[str]:
+    """An unknown ``model.name``, with the registry's suggestion (so it fails when the config is loaded)."""
     from mil.models import MODELS  # lazy: the models import torch
 
     try:
         MODELS.get(name)
     except KeyError as e:
-        raise ConfigError(f"model.name: {e}") from None
+        return [f"model.name: {e}"]
+    return []
 
 
 def _merge_sources(cfg: DictConfig, sources: Sequence[str] | None, base: DictConfig | None) -> DictConfig:

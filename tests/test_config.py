@@ -91,3 +91,8 @@ def test_training_numbers_out_of_range_are_all_named_at_load():
 def test_an_unknown_model_name_fails_at_load_with_a_suggestion():
     with pytest.raises(ConfigError, match=r"model.name: Unknown model 'gated_abmill'. Did you mean 'gated_abmil'\?"):
         load_config(["model.name=gated_abmill"])
+
+
+def test_an_unknown_model_and_a_bad_number_are_named_together():
+    with pytest.raises(ConfigError, match=r"invalid settings: model.name: Unknown model 'abmill'.*; train.lr=-1.0"):
+        load_config(["model.name=abmill", "train.lr=-1"])
