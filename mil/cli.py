@@ -143,6 +143,8 @@ def cmd_import_bags(args: argparse.Namespace) -> None:
     print(f"imported {result.n_bags} bags ({result.n_instances} instances, {result.dim} features) of "
           f"{result.n_patients} patients into {result.out_dir}; labels {result.label_counts}")
     print("cross-validate with:  mil crossval CONFIG " + " ".join(shlex.quote(o) for o in result.config_overrides()))
+    print(f"if CONFIG's cohort.classes are not {result.classes}, add:  {shlex.quote(result.classes_override())}"
+          "  (reordered as you choose: the last is the positive class)")
 
 
 def cmd_print_config(args: argparse.Namespace) -> None:

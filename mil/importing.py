@@ -57,16 +57,22 @@ class ImportResult:
     label_counts: dict[str, int]  # bags per label
 
     def config_overrides(self) -> list[str]:
-        """``key=value`` overrides that point a config at this cohort, its classes included (sorted; the
-        last is the positive class of a binary task), so any config's own ``cohort.classes`` is replaced.
-        Class names are quoted: ``no`` / ``yes`` or ``0`` / ``1`` stay strings."""
+        """``key=value`` overrides that point a config at this cohort (tables, bags, label column)."""
         return [
             f"cohort.clinical_csv={self.clinical_csv}",
             f"cohort.slide_csv={self.slide_csv}",
             f"cohort.features_dir={self.features_dir}",
             f"cohort.target={self.target}",
-            f"cohort.classes=[{','.join(json.dumps(c) for c in self.classes)}]",
         ]
+
+    def classes_override(self) -> str:
+        """``cohort.classes=[...]`` with this cohort's labels, sorted, for a config whose classes differ.
+
+        Not part of :meth:`config_overrides`: the last class is the positive one, and sorting
+        would make MSS the positive class of MSS / MSI-H labels where the config says MSI-H.
+        Names are quoted so that ``no`` / ``yes`` or ``0`` / ``1`` stay strings.
+        """
+        return f"cohort.classes=[{','.join(json.dumps(c) for c in self.classes)}]"
 
 
 def _bag_id(value: object, where: str) -> str:

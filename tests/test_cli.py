@@ -42,7 +42,7 @@ def test_import_bags_then_cohort_loads(tmp_path, capsys):
                  "--label-column", "0"]) == 0
     out = capsys.readouterr().out
     assert "imported 6 bags (18 instances, 4 features)" in out
-    overrides = shlex.split(out.split("mil crossval CONFIG ")[1])  # as a shell reads the printed line
+    overrides = shlex.split(out.split("mil crossval CONFIG ")[1].splitlines()[0])  # as a shell reads the line
     from mil.cohort import load_cohort
     from mil.config import load_config
 

@@ -204,10 +204,10 @@ def test_real_benchmark_files_import_with_readme_counts(tmp_path, name):
         assert (min(sizes), int(np.median(sizes)), max(sizes)) == (smin, smed, smax)
 
 
-@pytest.mark.parametrize("labels", [["neg", "pos"], ["no", "yes"], [0, 1]])
-def test_the_printed_overrides_point_any_config_at_the_imported_cohort(tmp_path, capsys, labels):
-    """The README's `mil crossval configs/examples/msi.yaml <the overrides it prints>`: msi.yaml's own classes
-    (MSS, MSI-H) are replaced by the imported ones, which stay strings."""
+@pytest.mark.parametrize("labels", [["neg", "pos"], ["no", "yes"], [0, 1], ["MSS", "MSI-H"]])
+def test_the_printed_lines_point_any_config_at_the_imported_cohort(tmp_path, capsys, labels):
+    """The README's `mil crossval configs/examples/msi.yaml <the overrides it prints>`: labels that are msi.yaml's
+    classes keep its order (MSI-H positive); others need the printed cohort.classes, whose names stay strings."""
     import shlex
     from pathlib import Path
 
@@ -218,8 +218,12 @@ def test_the_printed_overrides_point_any_config_at_the_imported_cohort(tmp_path,
         tmp_path / "features.csv", index=False)
     assert main(["import-bags", str(tmp_path / "features.csv"), str(tmp_path / "imported"), "--bag-column", "slide",
                  "--label-column", "label"]) == 0
-    printed = capsys.readouterr().out.split("mil crossval CONFIG ")[1].strip()
-    msi_yaml = Path(__file__).resolve().parents[1] / "configs" / "examples" / "msi.yaml"
-    cfg = load_config([str(msi_yaml), *shlex.split(printed)])
-    assert list(cfg.cohort.classes) == [str(v) for v in labels]
+    out = capsys.readouterr().out
+    overrides = shlex.split(out.split("mil crossval CONFIG ")[1].splitlines()[0])
+    classes = shlex.split(out.split("add:  ")[1])[0]
+    msi_yaml = str(Path(__file__).resolve().parents[1] / "configs" / "examples" / "msi.yaml")
+    if sorted(map(str, labels)) == ["MSI-H", "MSS"]:
+        assert list(load_config([msi_yaml, *overrides]).cohort.classes) == ["MSS", "MSI-H"]  # positive: MSI-H
+    cfg = load_config([msi_yaml, *overrides, classes])
+    assert list(cfg.cohort.classes) == sorted(str(v) for v in labels)
     assert len(load_cohort(cfg.cohort).bags) == 12
